@@ -1,0 +1,1 @@
+"""Shared helpers: configuration, errors, atomic file writes."""

@@ -1,0 +1,24 @@
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+def tiny_vit(num_classes: int = 5, img_size: int = 32, depth: int = 2, **kw):
+    """A random-weight ViT small enough for CPU tests."""
+    import timm
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=num_classes, img_size=img_size,
+                             patch_size=8, embed_dim=32, depth=depth, num_heads=2, **kw)
+
+
+@pytest.fixture
+def vit():
+    torch.manual_seed(0)
+    return tiny_vit().eval()
