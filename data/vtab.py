@@ -120,7 +120,7 @@ def build_transform(model, image_size: int = 0, interpolation: str = "bicubic"):
     cfg = dict(model) if isinstance(model, dict) else timm.data.resolve_model_data_config(model)
     if not isinstance(image_size, int) or image_size < 0:
         raise UserError(f"data.image_size: {image_size!r} is not a non-negative integer (0 = the model's size)")
-    size = image_size or int(cfg.get("input_size", (3, 224, 224))[-1])
+    size = image_size or model_input_size(model, cfg)
     interp = cfg.get("interpolation", "bicubic") if interpolation == "model" else interpolation
     modes = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR,
              "nearest": InterpolationMode.NEAREST, "lanczos": InterpolationMode.LANCZOS}
@@ -132,6 +132,18 @@ def build_transform(model, image_size: int = 0, interpolation: str = "bicubic"):
         transforms.ToTensor(),
         transforms.Normalize(mean=list(cfg["mean"]), std=list(cfg["std"])),
     ])
+
+
+def model_input_size(model, cfg: dict | None = None) -> int:
+    """Input resolution the model is built for: its patch embedding's ``img_size`` when it has one (timm's data
+    config keeps the pretrained size even when ``img_size`` was overridden), else the data config's."""
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if img_size is not None:
+        return int(img_size[-1]) if isinstance(img_size, (tuple, list)) else int(img_size)
+    if cfg is None:
+        import timm.data
+        cfg = dict(model) if isinstance(model, dict) else timm.data.resolve_model_data_config(model)
+    return int(cfg.get("input_size", (3, 224, 224))[-1])
 
 
 def _to_rgb(img):
