@@ -1,0 +1,71 @@
+"""Build what every stage needs from a resolved config: the task data and the backbone."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .engine import InMemorySplit
+
+_logger = logging.getLogger(__name__)
+
+
+def prepare_data(cfg) -> int:
+    """Make sure the task folder exists (generating an offline task on first use); return the class count."""
+    from data.offline import ensure_task
+    from data.vtab import num_classes
+    ensure_task(cfg.data.root, cfg.data.task, prepare_missing=cfg.data.prepare_missing, seed=cfg.seed)
+    return num_classes(cfg.data.root, cfg.data.task)
+
+
+def build_backbone(cfg, num_classes: int) -> nn.Module:
+    from data.backbones import create_backbone
+    return create_backbone(cfg.model.name, num_classes=num_classes, pretrained=cfg.model.pretrained,
+                           checkpoint=cfg.model.checkpoint, kwargs=dict(cfg.model.kwargs),
+                           num_blocks=cfg.model.num_blocks)
+
+
+def input_size(cfg, model: nn.Module) -> int:
+    """``data.image_size``, else the size the model was built for."""
+    if cfg.data.image_size:
+        return int(cfg.data.image_size)
+    pe = getattr(model, "patch_embed", None)
+    size = getattr(pe, "img_size", None)
+    if size:
+        return int(size[0] if isinstance(size, (tuple, list)) else size)
+    import timm.data
+    return int(timm.data.resolve_model_data_config(model)["input_size"][-1])
+
+
+def load_split(cfg, model: nn.Module, split: str, in_memory: bool = True):
+    """A split as an :class:`InMemorySplit` (decoded once) or a streaming dataset (``in_memory=False``)."""
+    from data.vtab import VtabDataset, build_transform
+    transform = build_transform(model, input_size(cfg, model))
+    ds = VtabDataset(cfg.data.root, cfg.data.task, split, transform)
+    if not in_memory:
+        return ds
+    return InMemorySplit.from_dataset(ds, desc=split, batch_size=cfg.data.eval_batch_size,
+                                      num_workers=cfg.data.num_workers)
+
+
+def stream_batches(cfg, dataset):
+    return torch.utils.data.DataLoader(dataset, batch_size=cfg.data.eval_batch_size, shuffle=False,
+                                       num_workers=cfg.data.num_workers)
+
+
+def build_supernet(cfg, num_classes: int):
+    """Backbone with GLoRA super-layers injected into ``glora.target_modules``."""
+    from supernet.wrapper import GloraSupernet
+    torch.manual_seed(cfg.seed)  # head and adapter initialisation
+    model = build_backbone(cfg, num_classes)
+    return GloraSupernet(model, target_modules=list(cfg.glora.target_modules), ranks=list(cfg.glora.ranks),
+                         choices_ab=list(cfg.glora.choices_ab), choices_c=list(cfg.glora.choices_c),
+                         choices_de=list(cfg.glora.choices_de))
+
+
+def stage_dir(cfg, stage: str) -> Path:
+    p = Path(cfg.output_dir) / stage
+    p.mkdir(parents=True, exist_ok=True)
+    return p

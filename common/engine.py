@@ -1,0 +1,102 @@
+"""Training and evaluation helpers shared by the supernet, search and retrain stages."""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Iterable, Iterator, Sequence
+
+import torch
+import torch.nn as nn
+
+from .errors import UserError
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device {name!r}: CUDA is not available here; use device: cpu or auto")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast for the forward pass, or nothing for fp32."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float, min_lr: float) -> float:
+    """Linear warmup to ``base_lr`` then cosine decay to ``min_lr``; a pure function of the step."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+class InMemorySplit:
+    """A split decoded and transformed once and kept as tensors (VTAB-1k uses no augmentation, so every
+    epoch would decode the same images to the same tensors). Batches in a seeded order per epoch."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        self.images, self.labels = images, labels
+
+    @classmethod
+    def from_dataset(cls, dataset, desc: str = "", batch_size: int = 64, num_workers: int = 0) -> "InMemorySplit":
+        from tqdm import tqdm
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+        xs, ys = [], []
+        for x, y in tqdm(loader, desc=f"loading {desc}", leave=False, dynamic_ncols=True):
+            xs.append(x)
+            ys.append(torch.as_tensor(y))
+        return cls(torch.cat(xs), torch.cat(ys).long())
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
+        n = len(self)
+        return n // batch_size if drop_last else math.ceil(n / batch_size)
+
+    def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0, epoch: int = 0,
+                drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self)
+        if shuffle:
+            g = torch.Generator().manual_seed(int(seed) * 100003 + int(epoch))
+            order = torch.randperm(n, generator=g)
+        else:
+            order = torch.arange(n)
+        for i in range(self.num_batches(batch_size, drop_last)):
+            idx = order[i * batch_size:(i + 1) * batch_size]
+            yield self.images[idx], self.labels[idx]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
+             precision: str = "fp32", max_batches: int = 0) -> float:
+    """Top-1 accuracy (fraction) over ``batches``; restores the model's train/eval mode."""
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    try:
+        for i, (x, y) in enumerate(batches):
+            if max_batches and i >= max_batches:
+                break
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with autocast(device, precision):
+                logits = model(x)
+            correct += int((logits.argmax(dim=-1) == y).sum())
+            total += int(y.numel())
+    finally:
+        model.train(was_training)
+    return correct / max(total, 1)
+
+
+def set_threads(n: int) -> None:
+    if n and n > 0:
+        torch.set_num_threads(n)
+
+
+def count_trainable(params: Sequence[nn.Parameter]) -> int:
+    return sum(p.numel() for p in params)
