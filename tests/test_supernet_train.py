@@ -3,7 +3,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import supernet.train as st
+import common.trainer as st
 from common.config import load_config
 from supernet.train import train_supernet
 

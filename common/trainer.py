@@ -1,0 +1,138 @@
+"""The training loop shared by supernet training and retraining: AdamW, warmup + cosine, resumable.
+
+Data order is a function of ``(seed, epoch)`` and the global RNG is reseeded per epoch (dropout, drop path),
+so a run killed at any moment and rerun resumes from its last epoch checkpoint and ends with exactly the
+weights of an uninterrupted run (on the CPU). The per-epoch log line is written before the checkpoint, and a
+resume drops log lines the checkpoint does not cover.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .engine import InMemorySplit, autocast, lr_at
+from .errors import UserError
+from .io import append_jsonl, atomic_torch_save, atomic_write_text, read_jsonl
+
+CHECKPOINT = "checkpoint.pt"
+LOG = "log.jsonl"
+
+
+@dataclass
+class FitSpec:
+    """What to train and how (one stage's settings)."""
+    epochs: int
+    lr: float
+    weight_decay: float
+    warmup_epochs: float = 0.0
+    min_lr: float = 0.0
+    grad_clip: float = 0.0
+    max_steps_per_epoch: int = 0
+    batch_size: int = 32
+    seed: int = 0
+    precision: str = "fp32"
+    desc: str = "train"
+    fingerprint: dict = field(default_factory=dict)  # must match on resume (model, layers, subnet, ...)
+
+
+def optimizer_for(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW; matrices decay, vectors, scalars and biases do not."""
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def checkpoint_epoch(out_dir: str | Path) -> int:
+    p = Path(out_dir) / CHECKPOINT
+    return load_checkpoint(p)["epoch"] if p.is_file() else -1
+
+
+def fit(model: nn.Module, named_params: dict[str, nn.Parameter], train: InMemorySplit, spec: FitSpec,
+        out_dir: str | Path, device: torch.device, before_step: Optional[Callable[[int], None]] = None,
+        after_epoch: Optional[Callable[[int], dict]] = None, progress: bool = True) -> list[dict]:
+    """Train ``named_params`` of ``model`` on ``train``; checkpoint and log each epoch under ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    params = list(named_params.values())
+    opt = optimizer_for(params, spec.lr, spec.weight_decay)
+    bs = spec.batch_size
+    drop_last = len(train) > bs
+    steps_per_epoch = train.num_batches(bs, drop_last=drop_last)
+    if spec.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, spec.max_steps_per_epoch)
+    total = steps_per_epoch * spec.epochs
+    warmup = int(round(spec.warmup_epochs * steps_per_epoch))
+    fingerprint = dict(spec.fingerprint, steps_per_epoch=steps_per_epoch, params=sorted(named_params))
+
+    start = 0
+    ckpt = out_dir / CHECKPOINT
+    if ckpt.is_file():
+        state = load_checkpoint(ckpt)
+        if state.get("fingerprint") != fingerprint:
+            raise UserError(f"{ckpt} belongs to a run with other settings (model, layers, data or subnet); "
+                            f"use a new output_dir or delete {out_dir}")
+        with torch.no_grad():
+            for k, v in state["params"].items():
+                named_params[k].copy_(v)
+        opt.load_state_dict(state["optimizer"])
+        start = state["epoch"]
+    log_path = out_dir / LOG
+    kept = [r for r in read_jsonl(log_path) if r.get("epoch", 0) <= start]
+    atomic_write_text(log_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+
+    model.train()
+    lr = spec.lr
+    for epoch in range(start, spec.epochs):
+        torch.manual_seed(spec.seed * 1_000_003 + epoch)
+        bar = tqdm(total=steps_per_epoch, desc=f"{spec.desc} {epoch + 1}/{spec.epochs}", disable=not progress,
+                   dynamic_ncols=True, leave=False)
+        loss_sum, seen, correct = 0.0, 0, 0
+        for i, (x, y) in enumerate(train.batches(bs, shuffle=True, seed=spec.seed, epoch=epoch,
+                                                 drop_last=drop_last)):
+            if i >= steps_per_epoch:
+                break
+            step = epoch * steps_per_epoch + i
+            lr = lr_at(step, total, warmup, spec.lr, spec.min_lr)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            if before_step is not None:
+                before_step(step)
+            x, y = x.to(device), y.to(device)
+            with autocast(device, spec.precision):
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if spec.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, spec.grad_clip)
+            opt.step()
+            loss_sum += float(loss.detach()) * len(y)
+            seen += len(y)
+            correct += int((logits.detach().argmax(-1) == y).sum())
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", lr=f"{lr:.1e}")
+            bar.update(1)
+        bar.close()
+        record = {"epoch": epoch + 1, "loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
+                  "lr": lr}
+        if after_epoch is not None:
+            record.update(after_epoch(epoch))
+            model.train()
+        append_jsonl(log_path, record)
+        atomic_torch_save(ckpt, {"epoch": epoch + 1, "fingerprint": fingerprint, "optimizer": opt.state_dict(),
+                                 "params": {k: v.detach().cpu().clone() for k, v in named_params.items()}})
+    if spec.epochs == 0 and not ckpt.is_file():
+        atomic_torch_save(ckpt, {"epoch": 0, "fingerprint": fingerprint, "optimizer": opt.state_dict(),
+                                 "params": {k: v.detach().cpu().clone() for k, v in named_params.items()}})
+    return read_jsonl(log_path)
