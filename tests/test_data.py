@@ -143,7 +143,8 @@ def test_offline_tasks_are_deterministic(tmp_path, task):
     c = prepare_task(task, tmp_path / "c", seed=2, **opts)
     assert (a / "train800.txt").read_text() != (c / "train800.txt").read_text() or \
         not filecmp.cmp(a / "images/train/00000.png", c / "images/train/00000.png", shallow=False)
-    sizes = {s: len((a / f"{s}.txt").read_text().splitlines()) for s in ("train800", "val200", "train800val200", "test")}
+    sizes = {s: len((a / f"{s}.txt").read_text().splitlines())
+             for s in ("train800", "val200", "train800val200", "test")}
     assert sizes == {"train800": 800, "val200": 200, "train800val200": 1000,
                      "test": 64 if task.startswith("dsprites") else 4000}
     k = num_classes(a.parent, task)
