@@ -159,7 +159,7 @@ def sample_in_budget(space: SearchSpace, rng: np.random.Generator, min_params: i
     """A random subnet with ``space.params`` in [min_params, max_params], or ``None`` after bounded tries.
 
     A few plain uniform draws come first (a loose budget then keeps the uniform law); after that each draw is
-    repaired into the budget.
+    repaired toward a random point of the budget, so the subnets spread over it instead of hugging one edge.
     """
     tab = _table(space)
     lo = 0 if min_params is None else int(min_params)
@@ -169,8 +169,19 @@ def sample_in_budget(space: SearchSpace, rng: np.random.Generator, min_params: i
         if lo <= _total(tab, idx) <= hi:
             return _to_subnet(space, idx)
     steps = _repair_steps(tab)
+    r_lo, r_hi = space.param_range()
+    a, b = max(lo, r_lo), min(hi, r_hi)
     for _ in range(max(1, int(max_tries))):
-        out = _repair_idx(tab, _random_idx(tab, rng), rng, lo, hi, steps)
+        idx = _random_idx(tab, rng)
+        # aim first at a random tenth of the budget: a repair alone would stop just inside the edge it
+        # came from, and crowd the population there
+        if b > a:
+            t = int(rng.integers(a, b + 1))
+            w = (b - a) // 20
+            out = _repair_idx(tab, idx, rng, max(a, t - w), min(b, t + w), steps)
+            if out is not None:
+                return _to_subnet(space, out)
+        out = _repair_idx(tab, idx, rng, lo, hi, steps)
         if out is not None:
             return _to_subnet(space, out)
     return None
