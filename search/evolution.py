@@ -139,7 +139,8 @@ class EvolutionSearcher:
             raise UserError(f"{path}: not valid JSON ({e}); delete it to restart the search") from None
         saved = state.get("settings", {})
         mine = self._settings()
-        changed = [k for k in mine if saved.get(k) != mine[k]]
+        # generations may change: a longer run extends a finished search, exactly as if it had run on
+        changed = [k for k in mine if k != "generations" and saved.get(k) != mine[k]]
         if changed:
             raise UserError(f"{path}: the search settings changed since this state was saved ({', '.join(changed)}); "
                             "use another output_dir or delete the search folder to start over")
@@ -151,6 +152,10 @@ class EvolutionSearcher:
         self.rng.bit_generator.state = state["rng"]
         history = read_jsonl(self._path("history.jsonl"))
         self._adopt_history(history, after=self.generation)
+        if state.get("finished") and self.generation < self.generations:
+            log.info("extending the finished search in %s from %d to %d generations", self.out_dir,
+                     self.generation, self.generations)
+            return False
         return bool(state.get("finished"))
 
     def _adopt_history(self, history: list[dict], after: int) -> None:

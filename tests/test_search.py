@@ -124,12 +124,12 @@ def brute_force_best(space, score, lo, hi):
     """Best in-budget subnet by exhaustive enumeration (vectorised: score and params add over layers)."""
     per_layer = [[LayerChoice(*c) for c in itertools.product(*opts)] for opts in space.options]
     none = [LayerChoice() for _ in space.names]
+    base = score(Subnet(space.names, tuple(none)))
     params = np.zeros(())
     scores = np.zeros(())
     for i, choices in enumerate(per_layer):
         p = np.array([space.layer_params(i, c) for c in choices])
-        v = np.array([score(Subnet(space.names, tuple(none[:i] + [c] + none[i + 1:]))) - score(Subnet(space.names, tuple(none)))
-                      for c in choices])
+        v = np.array([score(Subnet(space.names, tuple(none[:i] + [c] + none[i + 1:]))) - base for c in choices])
         params = params[..., None] + p
         scores = scores[..., None] + v
     scores = np.where((params >= lo) & (params <= hi), scores, -np.inf)
@@ -229,6 +229,31 @@ def test_resume_equals_uninterrupted(tmp_path, kill_at):
     third = Recorder(score)
     again = run_search(space, third, out_dir=out)
     assert third.calls == [] and again.best == full.best and again.best_score == full.best_score
+
+
+def test_more_generations_extend_a_finished_search(tmp_path):
+    space = make_space()
+    score = weight_score(space)
+    full = run_search(space, Recorder(score), generations=6)
+    run_search(space, Recorder(score), out_dir=tmp_path, generations=4)
+    rec = Recorder(score)
+    res = run_search(space, rec, out_dir=tmp_path, generations=6)
+    assert res.best == full.best and res.history == full.history and 0 < len(rec.calls) < full.evaluated
+
+
+def test_out_of_budget_candidate_is_refused_before_scoring(monkeypatch):
+    import search.evolution as evo
+    space = make_space()
+    rec = Recorder(weight_score(space))
+    searcher = EvolutionSearcher(space, rec, min_params=0, max_params=500, generations=2, population=5, select=2,
+                                 mutation=2, mutation_prob=0.3, crossover=2, seed=0, progress=False)
+    big = space.uniform(LayerChoice("lora_4", "lora_4", "lora_4", "vector", "vector"))
+    with pytest.raises(AssertionError, match="outside the budget"):
+        searcher._evaluate(big, 0)
+    monkeypatch.setattr(evo, "sample_in_budget", lambda *a, **k: big)
+    with pytest.raises(AssertionError, match="outside the budget"):
+        searcher.run()
+    assert rec.calls == []
 
 
 def test_changed_settings_on_resume_is_a_user_error(tmp_path):
