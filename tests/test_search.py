@@ -199,12 +199,20 @@ def test_deterministic_for_a_seed():
     assert [s.key for s in r3.calls] != [s.key for s in r1.calls]
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    space = make_space()
+    out = tmp_path_factory.mktemp("full")
+    full = run_search(space, Recorder(weight_score(space)), out_dir=out)
+    assert len(full.history) == full.evaluated > 80
+    return full, out
+
+
 @pytest.mark.parametrize("kill_at", [0, 1, 19, 20, 23, 47, 80])
-def test_resume_equals_uninterrupted(tmp_path, kill_at):
+def test_resume_equals_uninterrupted(tmp_path, kill_at, uninterrupted):
     space = make_space()
     score = weight_score(space)
-    full = run_search(space, Recorder(score), out_dir=tmp_path / "full")
-    assert len(full.history) == full.evaluated > 80
+    full, full_dir = uninterrupted
 
     out = tmp_path / "killed"
     first = Recorder(score, fail_after=kill_at)
@@ -223,7 +231,7 @@ def test_resume_equals_uninterrupted(tmp_path, kill_at):
     assert len(hist) == len(full.history)
     canon = lambda rows: sorted(json.dumps(r, sort_keys=True) for r in rows)  # noqa: E731
     assert canon(hist) == canon(full.history)
-    assert (out / "subnet.yaml").read_text() == (tmp_path / "full" / "subnet.yaml").read_text()
+    assert (out / "subnet.yaml").read_text() == (full_dir / "subnet.yaml").read_text()
 
     # a finished search returns its stored result without scoring anything
     third = Recorder(score)
