@@ -1,0 +1,63 @@
+"""Turn a backbone (or a trained supernet) into the compact model of a subnet, and merge it back."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+from supernet.inject import find_targets, freeze_all_but, head_parameters, replace_module
+from supernet.layer import SuperGloraLinear
+from supernet.space import LayerSpec, SearchSpace, Subnet
+
+from .glora import GloraLinear
+
+
+def layer_specs(model: nn.Module, target_modules: Sequence[str]) -> list[LayerSpec]:
+    specs = []
+    for n in find_targets(model, target_modules):
+        lin = model.get_submodule(n)
+        specs.append(LayerSpec(n, lin.in_features, lin.out_features, lin.bias is not None))
+    return specs
+
+
+def apply_subnet(model: nn.Module, subnet: Subnet, space: SearchSpace | None = None) -> nn.Module:
+    """Replace each layer of ``subnet`` in ``model`` (in place) by a compact GloraLinear; freeze all but the
+    adapters and the classifier head. ``model`` may be a plain backbone or the ``.model`` of a supernet, whose
+    SuperGloraLinear layers then pass on their shared weights."""
+    for name, choice in zip(subnet.names, subnet.layers):
+        layer = model.get_submodule(name)
+        if isinstance(layer, SuperGloraLinear):
+            new = GloraLinear.from_super(layer, choice)
+        elif isinstance(layer, nn.Linear):
+            new = GloraLinear(layer, choice)
+        else:
+            raise TypeError(f"{name} is a {type(layer).__name__}, not a linear layer")
+        replace_module(model, name, new)
+    # any super-layer left (not in the subnet) goes back to its base layer
+    for name, m in list(model.named_modules()):
+        if isinstance(m, SuperGloraLinear):
+            replace_module(model, name, m.base_layer)
+    freeze_all_but(model, adapter_parameters(model) + head_parameters(model))
+    return model
+
+
+def glora_layers(model: nn.Module) -> list[tuple[str, GloraLinear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, GloraLinear)]
+
+
+def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for _, m in glora_layers(model) for p in m.adapter_parameters()]
+
+
+@torch.no_grad()
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Fold every GloraLinear into a plain ``nn.Linear`` (in place); the result has the base model's keys."""
+    for name, layer in glora_layers(model):
+        merged = layer.merge()
+        if not (torch.isfinite(merged.weight).all() and (merged.bias is None or torch.isfinite(merged.bias).all())):
+            raise FloatingPointError(f"merging {name} gave non-finite weights; the adapters have diverged")
+        replace_module(model, name, merged)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model

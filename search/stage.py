@@ -1,0 +1,63 @@
+"""The search stage: score subnets of the trained supernet on val200 and evolve them under the budget."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from common.build import build_supernet, load_split, prepare_data, stage_dir
+from common.config import Config
+from common.engine import evaluate, resolve_device, set_threads
+from common.errors import UserError
+from supernet.space import Subnet
+
+from .evolution import EvolutionSearcher
+from .operators import check_budget
+
+_logger = logging.getLogger(__name__)
+
+
+def load_trained_supernet(cfg: Config, num_classes: int, device: torch.device):
+    from supernet.train import ADAPTERS, supernet_complete
+    path = Path(cfg.output_dir) / "supernet" / ADAPTERS
+    if not path.is_file() or not supernet_complete(cfg):
+        raise UserError(f"no trained supernet in {path.parent}: run --stage supernet first (same config)")
+    sn = build_supernet(cfg, num_classes)
+    try:
+        sn.load_trainable_state_dict(load_file(path))
+    except ValueError as e:
+        raise UserError(f"{path} does not fit this config's model/search space: {e}") from None
+    return sn.to(device)
+
+
+def search_complete(cfg: Config) -> bool:
+    out = Path(cfg.output_dir) / "search"
+    return (out / "done").is_file() and (out / "subnet.yaml").is_file()
+
+
+def run_search(cfg: Config, progress: bool = True) -> dict:
+    set_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    s = cfg.search
+    num_classes = prepare_data(cfg)
+    sn = load_trained_supernet(cfg, num_classes, device).eval()
+    min_p, max_p = int(round(s.min_params_m * 1e6)), int(round(s.max_params_m * 1e6))
+    check_budget(sn.space, min_p, max_p)  # before any image is loaded
+    val = load_split(cfg, sn.model, "val200")
+
+    def score(subnet: Subnet) -> float:
+        sn.set_subnet(subnet, freeze=True)  # fold each layer once; every batch then runs plain linears
+        return evaluate(sn, val.batches(cfg.data.eval_batch_size), device, cfg.precision,
+                        max_batches=s.max_eval_batches)
+
+    searcher = EvolutionSearcher(sn.space, score, min_params=min_p, max_params=max_p, generations=s.generations,
+                                 population=s.population, select=s.select, mutation=s.mutation,
+                                 mutation_prob=s.mutation_prob, crossover=s.crossover, seed=s.seed,
+                                 out_dir=stage_dir(cfg, "search"), model_name=cfg.model.name, progress=progress)
+    result = searcher.run()
+    _logger.info("search: best subnet %d adapter params, val top-1 %.4f (%d candidates evaluated)",
+                 result.best_params, result.best_score, result.evaluated)
+    return {"params": result.best_params, "val_acc": result.best_score, "evaluated": result.evaluated,
+            "subnet_file": str(Path(cfg.output_dir) / "search" / "subnet.yaml")}
