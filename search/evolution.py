@@ -155,6 +155,7 @@ class EvolutionSearcher:
         if state.get("finished") and self.generation < self.generations:
             log.info("extending the finished search in %s from %d to %d generations", self.out_dir,
                      self.generation, self.generations)
+            self._path("done").unlink(missing_ok=True)
             return False
         return bool(state.get("finished"))
 
