@@ -203,6 +203,9 @@ def validate(cfg: dict) -> None:
     dev = cfg["device"]
     if not (dev in ("auto", "cpu", "cuda") or (isinstance(dev, str) and dev.startswith("cuda:"))):
         raise UserError(f"config key device: {dev!r} is not one of auto, cpu, cuda, cuda:N")
+    d = cfg["retrain"]["dir"]
+    if not d or "/" in d or "\\" in d or d in (".", "..", "supernet", "search"):
+        raise UserError(f"config key retrain.dir: {d!r} must be a plain folder name other than supernet, search")
     _one_of("retrain.init", cfg["retrain"]["init"], ["supernet", "scratch"])
     for sec, key in [("supernet", "epochs"), ("retrain", "epochs"), ("search", "generations"),
                      ("search", "population"), ("data", "batch_size"), ("data", "eval_batch_size")]:

@@ -26,7 +26,7 @@ METRICS = "metrics.json"
 
 
 def retrain_complete(cfg: Config) -> bool:
-    return (Path(cfg.output_dir) / "retrain" / METRICS).is_file()
+    return (Path(cfg.output_dir) / cfg.retrain.dir / METRICS).is_file()
 
 
 def subnet_path(cfg: Config) -> Path:
@@ -88,20 +88,24 @@ def _fit_spec(cfg: Config, desc: str, fingerprint: dict) -> FitSpec:
 def run_retrain(cfg: Config, progress: bool = True) -> dict:
     set_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    out = stage_dir(cfg, "retrain")
+    out = stage_dir(cfg, cfg.retrain.dir)
     num_classes = prepare_data(cfg)
     spath = subnet_path(cfg)
     subnet = Subnet.from_yaml(spath)
     model, space = build_compact_model(cfg, subnet, num_classes, device)
     adapter_params = sum(p.numel() for p in adapter_parameters(model))
     head_params = sum(p.numel() for p in head_parameters(model))
-    subnet.to_yaml(out / "subnet.yaml", space.specs, model=cfg.model.name)
 
     train = load_split(cfg, model, "train800val200")
     test_ds = load_split(cfg, model, "test", in_memory=False)
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     fingerprint = {"model": cfg.model.to_dict(), "subnet": [list(c) for c in subnet.layers],
                    "names": list(subnet.names), "init": cfg.retrain.init, "task": [cfg.data.root, cfg.data.task]}
+    if (out / "checkpoint.pt").is_file() and (out / "subnet.yaml").is_file() and \
+            Subnet.from_yaml(out / "subnet.yaml") != subnet:
+        raise UserError(f"{out} holds the retrain of another subnet; keep it and retrain this one elsewhere "
+                        f"with --set retrain.dir=retrain-2 (or delete {out})")
+    subnet.to_yaml(out / "subnet.yaml", space.specs, model=cfg.model.name)
     fit(model, named, train, _fit_spec(cfg, "retrain", fingerprint), out, device, progress=progress)
     test_acc = evaluate(model, stream_batches(cfg, test_ds), device, cfg.precision)
     atomic_save_safetensors(out / "adapters.safetensors",
@@ -145,7 +149,7 @@ def head_only_baseline(cfg: Config, num_classes: int, train, test_ds, device, pr
     head = head_parameters(model)
     freeze_all_but(model, head)
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    out = stage_dir(cfg, "retrain") / "head_only"
+    out = stage_dir(cfg, cfg.retrain.dir) / "head_only"
     fit(model, named, train, _fit_spec(cfg, "head only", {"model": cfg.model.to_dict(), "head_only": True}),
         out, device, progress=progress)
     acc = evaluate(model, stream_batches(cfg, test_ds), device, cfg.precision)

@@ -1,0 +1,162 @@
+"""The whole pipeline from the CLI on a tiny random-weight ViT and a generated task."""
+import json
+import shutil
+
+import pytest
+import timm
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import run_search
+from common.build import stream_batches
+from common.config import load_config
+from common.engine import evaluate
+from supernet.space import Subnet
+
+TINY_KW = "{img_size: 32, patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2}"
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vtab")
+    from data.offline import prepare_task
+    prepare_task("dsprites_loc", root, seed=0)
+    return root
+
+
+def tiny_args(out, root, *extra):
+    sets = [f"output_dir={out}", f"data.root={root}", "supernet.max_steps_per_epoch=6",
+            "retrain.max_steps_per_epoch=6", "search.max_eval_batches=1", "data.eval_batch_size=100", *extra]
+    args = ["--config", "tiny", "--no-progress"]
+    for s in sets:
+        args += ["--set", s]
+    return args
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, data_root):
+    out = tmp_path_factory.mktemp("run")
+    assert run_search.main(tiny_args(out, data_root)) == 0
+    return out
+
+
+def test_every_file_is_written(tiny_run):
+    for f in ["config.yaml", "summary.json", "supernet/checkpoint.pt", "supernet/adapters.safetensors",
+              "supernet/log.jsonl", "search/history.jsonl", "search/subnet.yaml", "search/topk.yaml",
+              "search/state.json", "retrain/model_merged.safetensors", "retrain/metrics.json",
+              "retrain/adapters.safetensors", "retrain/subnet.yaml"]:
+        assert (tiny_run / f).is_file(), f
+    metrics = json.loads((tiny_run / "retrain" / "metrics.json").read_text())
+    for k in ["test_acc", "num_classes", "adapter_params", "head_params", "merge_max_abs_diff"]:
+        assert k in metrics
+    sub = yaml.safe_load((tiny_run / "search" / "subnet.yaml").read_text())
+    assert metrics["adapter_params"] == sub["params"] > 0
+    assert metrics["merge_max_abs_diff"] < 1e-4
+    assert metrics["head_params"] == 32 * 16 + 16
+    resolved = yaml.safe_load((tiny_run / "config.yaml").read_text())
+    assert resolved["model"]["name"] == "vit_tiny_patch16_224" and resolved["output_dir"] == str(tiny_run)
+
+
+def test_merged_model_loads_strictly_in_plain_timm(tiny_run, data_root):
+    metrics = json.loads((tiny_run / "retrain" / "metrics.json").read_text())
+    sd = load_file(tiny_run / "retrain" / "model_merged.safetensors")
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=metrics["num_classes"], img_size=32, patch_size=8,
+                              embed_dim=32, depth=2, num_heads=2)
+    model.load_state_dict(sd, strict=True)
+    cfg = load_config(str(tiny_run / "config.yaml"))
+    from common.build import load_split
+    test = load_split(cfg, model, "test", in_memory=False)
+    acc = evaluate(model, stream_batches(cfg, test), torch.device("cpu"))
+    assert acc == pytest.approx(metrics["merged_test_acc"], abs=1e-9)
+    assert abs(acc - metrics["test_acc"]) <= 2 / len(test)
+
+
+def test_rerun_skips_finished_stages(tiny_run, data_root, capsys):
+    before = (tiny_run / "retrain" / "metrics.json").stat().st_mtime_ns
+    assert run_search.main(tiny_args(tiny_run, data_root)) == 0
+    out = capsys.readouterr().out
+    assert out.count("already complete") == 3 and "GLoRA test top-1" in out
+    assert (tiny_run / "retrain" / "metrics.json").stat().st_mtime_ns == before
+
+
+def test_retrain_hand_edited_subnet(tiny_run, data_root, tmp_path):
+    data = yaml.safe_load((tiny_run / "search" / "subnet.yaml").read_text())
+    data["layers"][0].update({"A": "LoRA_4", "B": "constant", "C": "lora_2", "D": "vector", "E": "none"})
+    data["layers"][1].update({"A": "none", "B": "none", "C": "none", "D": "none", "E": "none"})
+    edited = tmp_path / "edited.yaml"
+    edited.write_text(yaml.safe_dump(data))
+    args = tiny_args(tiny_run, data_root, "retrain.dir=retrain-edited", "retrain.head_only_baseline=false")
+    assert run_search.main(args + ["--stage", "retrain", "--subnet", str(edited)]) == 0
+    metrics = json.loads((tiny_run / "retrain-edited" / "metrics.json").read_text())
+    subnet = Subnet.from_yaml(edited)
+    assert subnet.layers[0].A == "lora_4" and subnet.layers[0].B == "scalar"
+    written = yaml.safe_load((tiny_run / "retrain-edited" / "subnet.yaml").read_text())
+    assert written["layers"][0]["A"] == "lora_4" and written["layers"][0]["B"] == "scalar"
+    assert metrics["adapter_params"] == written["params"]  # counted (yaml) == numel of the compact model
+
+
+@pytest.mark.parametrize("edit,fragment", [
+    ({"name": "blocks.9.attn.qkv"}, "is not an adapted layer"),
+    ({"A": "lora_x"}, "unknown choice 'lora_x'"),
+    ({"C": "scalar"}, "not valid for tensor C"),
+    ({"A": "lora_64"}, "exceeds the rank the supernet holds"),
+])
+def test_bad_subnet_is_a_one_line_error(tiny_run, data_root, tmp_path, capsys, edit, fragment):
+    data = yaml.safe_load((tiny_run / "search" / "subnet.yaml").read_text())
+    data["layers"][0].update(edit)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(data))
+    args = tiny_args(tiny_run, data_root, "retrain.dir=retrain-bad")
+    assert run_search.main(args + ["--stage", "retrain", "--subnet", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and fragment in err[0]
+    assert not (tiny_run / "retrain-bad" / "metrics.json").exists()
+
+
+def test_interrupted_full_run_resumes(tmp_path, data_root, monkeypatch, tiny_run):
+    import search.evolution as ev
+
+    class Killed(Exception):
+        pass
+
+    calls = {"n": 0}
+    orig = ev.EvolutionSearcher.__init__
+
+    def dying_init(self, space, score_fn, **kw):
+        def dying_score(subnet):
+            calls["n"] += 1
+            if calls["n"] == 5:
+                raise Killed()
+            return score_fn(subnet)
+        orig(self, space, dying_score, **kw)
+    monkeypatch.setattr(ev.EvolutionSearcher, "__init__", dying_init)
+    out = tmp_path / "run"
+    with pytest.raises(Killed):
+        run_search.main(tiny_args(out, data_root))
+    monkeypatch.undo()
+    assert (out / "supernet" / "adapters.safetensors").is_file() and not (out / "retrain").exists()
+    assert run_search.main(tiny_args(out, data_root)) == 0
+    a = yaml.safe_load((out / "search" / "subnet.yaml").read_text())
+    b = yaml.safe_load((tiny_run / "search" / "subnet.yaml").read_text())
+    assert a["layers"] == b["layers"] and a["val_acc"] == b["val_acc"]
+    m1 = json.loads((out / "retrain" / "metrics.json").read_text())
+    m2 = json.loads((tiny_run / "retrain" / "metrics.json").read_text())
+    assert m1["test_acc"] == m2["test_acc"] and m1["adapter_params"] == m2["adapter_params"]
+
+
+def test_vtab_config_runs_shrunk(tmp_path, data_root):
+    """configs/vtab.yaml (the paper's setting) with sizes shrunk by overrides on a tiny generated task."""
+    out = tmp_path / "vtab"
+    args = ["--config", "vtab", "--no-progress"]
+    for s in [f"output_dir={out}", f"data.root={data_root}", "data.task=dsprites_loc", "model.name=vit_tiny_patch16_224",
+              "model.checkpoint=''", "model.pretrained=false", f"model.kwargs={TINY_KW}", "supernet.epochs=1",
+              "supernet.max_steps_per_epoch=3", "search.generations=2", "search.population=6", "search.select=3",
+              "search.mutation=2", "search.crossover=2", "search.max_eval_batches=1", "search.max_params_m=0.05",
+              "retrain.epochs=1", "retrain.max_steps_per_epoch=3", "retrain.head_only_baseline=false",
+              "data.batch_size=16", "data.eval_batch_size=100", "data.image_size=32", "data.num_workers=0"]:
+        args += ["--set", s]
+    assert run_search.main(args) == 0
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["supernet"]["lr"] == 1e-4 and cfg["search"]["mutation_prob"] == 0.2
+    assert (out / "retrain" / "model_merged.safetensors").is_file()

@@ -1,0 +1,99 @@
+"""Compact layers, merge and the retrain stage's building blocks."""
+import numpy as np
+import pytest
+import timm
+import torch
+
+from conftest import tiny_vit
+from retrain.build import adapter_parameters, apply_subnet, layer_specs, merge_and_unload
+from retrain.glora import GloraLinear
+from supernet.space import LayerChoice, SearchSpace
+from supernet.wrapper import GloraSupernet
+
+
+def randomize_adapters_(params, seed=0, scale=0.2):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+def randomize_biases_(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+@pytest.mark.parametrize("qkv_bias", [True, False])
+def test_merged_equals_unmerged_and_is_plain_timm(qkv_bias):
+    torch.manual_seed(0)
+    model = tiny_vit(qkv_bias=qkv_bias)
+    randomize_biases_(model)
+    specs = layer_specs(model, ["qkv", "proj", "fc1", "fc2"])
+    assert any(not s.bias for s in specs) == (not qkv_bias)
+    space = SearchSpace(specs, ranks=[2, 4])
+    rng = np.random.default_rng(0)
+    x = torch.randn(3, 3, 32, 32)
+    for trial in range(4):
+        m = tiny_vit(qkv_bias=qkv_bias)
+        m.load_state_dict(model.state_dict())
+        subnet = space.random(rng)
+        apply_subnet(m, subnet)
+        randomize_adapters_(adapter_parameters(m), seed=trial)
+        m.eval()
+        with torch.no_grad():
+            ref = m(x)
+        base = tiny_vit(qkv_bias=qkv_bias).eval()
+        base.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            assert (base(x) - ref).abs().max() > 1e-3  # the adapters do change the output
+        merged = merge_and_unload(m)
+        assert not any(isinstance(mod, GloraLinear) for mod in merged.modules())
+        fresh = tiny_vit(qkv_bias=qkv_bias).eval()
+        sd = merged.state_dict()
+        assert set(sd) == set(fresh.state_dict())
+        fresh.load_state_dict(sd, strict=True)
+        with torch.no_grad():
+            torch.testing.assert_close(fresh(x), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_compact_params_equal_subnet_count():
+    model = tiny_vit()
+    space = SearchSpace(layer_specs(model, ["qkv", "proj", "fc1", "fc2"]), ranks=[2, 4])
+    rng = np.random.default_rng(1)
+    for _ in range(10):
+        m = tiny_vit()
+        subnet = space.random(rng)
+        apply_subnet(m, subnet)
+        trainable = [p for n, p in m.named_parameters() if p.requires_grad and not n.startswith("head.")]
+        assert sum(p.numel() for p in trainable) == space.params(subnet)
+        assert sum(p.numel() for p in adapter_parameters(m)) == space.params(subnet)
+
+
+def test_compact_from_supernet_reproduces_the_path():
+    torch.manual_seed(0)
+    model = tiny_vit()
+    randomize_biases_(model)
+    sn = GloraSupernet(model, ranks=[2, 4])
+    randomize_adapters_(sn.adapter_parameters(), seed=3)
+    x = torch.randn(2, 3, 32, 32)
+    subnet = sn.space.random(np.random.default_rng(5))
+    sn.set_subnet(subnet)
+    sn.eval()
+    with torch.no_grad():
+        ref = sn(x)
+    apply_subnet(sn.model, subnet)
+    with torch.no_grad():
+        torch.testing.assert_close(sn.model(x), ref, atol=1e-6, rtol=1e-6)
+    assert sum(p.numel() for p in adapter_parameters(sn.model)) == sn.space.params(subnet)
+
+
+def test_uniform_largest_choice():
+    model = tiny_vit(qkv_bias=False)
+    space = SearchSpace(layer_specs(model, ["qkv", "fc1"]), ranks=[4])
+    sub = space.uniform(LayerChoice("lora_4", "lora_4", "lora_4", "vector", "vector"))
+    qkv = sub.choice("blocks.0.attn.qkv")
+    assert qkv.C == qkv.D == qkv.E == "none" and qkv.A == "lora_4"
+    assert sub.choice("blocks.0.mlp.fc1").E == "vector"
