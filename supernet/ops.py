@@ -36,14 +36,18 @@ def _as_rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def merged_weight(weight: torch.Tensor, A: Support, B: Support) -> torch.Tensor:
-    """``W0 + W0 * A + B`` as a dense matrix."""
+    """``W0 + W0 * A + B`` as a dense matrix (``weight`` itself when A and B are ``none``).
+
+    Fused: ``addcmul`` builds ``W0 + W0 * A`` in one pass and a LoRA B is accumulated by ``addmm`` without a
+    dense ``down @ up`` temporary."""
     w = weight
     if A is not None:
-        a = A.dense() if isinstance(A, Lora) else _as_rows(A)
-        w = w + w * a
-    if B is not None:
-        b = B.dense() if isinstance(B, Lora) else _as_rows(B)
-        w = w + b
+        a = A.dense() if isinstance(A, Lora) else _as_rows(A).to(w.dtype)
+        w = torch.addcmul(w, w, a)
+    if isinstance(B, Lora):
+        w = torch.addmm(w, B.down, B.up)
+    elif B is not None:
+        w = w + _as_rows(B).to(w.dtype)
     return w
 
 
@@ -56,30 +60,38 @@ def merged_bias(weight: torch.Tensor, bias: Optional[torch.Tensor], C: Support, 
         return None
     b = bias
     if D is not None:
-        b = b + bias * D
+        b = torch.addcmul(bias, bias, D.to(bias.dtype))
     if E is not None:
-        b = b + E
+        b = b + E.to(b.dtype)
     if C is not None:
         c = C.dense().reshape(-1) if isinstance(C, Lora) else C.reshape(-1)
-        b = b + weight @ c.to(weight.dtype)
+        b = torch.addmv(b.to(weight.dtype), weight, c.to(weight.dtype))
     return b
 
 
 def glora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], A: Support, B: Support,
                  C: Support, D: Support, E: Support) -> torch.Tensor:
-    """``x @ W.T + b`` for the GLoRA-adapted weight and bias, without building ``W`` unless A is LoRA."""
+    """``x @ W.T + b`` for the GLoRA-adapted weight and bias, without building ``W`` unless A is LoRA.
+
+    A as LoRA needs ``W0 * A`` and a weight-sized gradient anyway, so a LoRA B is then folded into that same
+    weight (cheaper than B's thin matmuls over every token). Otherwise one frozen matmul, the A scaling and the bias
+    in one ``addcmul``, and B as two thin matmuls accumulated by ``addmm`` or as ``sum(x) * B``."""
     b = merged_bias(weight, bias, C, D, E)
     if isinstance(A, Lora):
-        out = F.linear(x, weight + weight * A.dense(), b)
+        out = F.linear(x, merged_weight(weight, A, B if isinstance(B, Lora) else None), b)
+        if B is None or isinstance(B, Lora):
+            return out
     elif A is None:
         out = F.linear(x, weight, b)
     else:
         out = F.linear(x, weight)
-        out = out + out * A.to(out.dtype)
-        if b is not None:
-            out = out + b.to(out.dtype)
+        scale = (A + 1).to(out.dtype)
+        out = out * scale if b is None else torch.addcmul(b.to(out.dtype), out, scale)
     if isinstance(B, Lora):
-        out = out + F.linear(F.linear(x, B.up), B.down)
+        h = F.linear(x, B.up)
+        shape = out.shape
+        out = torch.addmm(out.reshape(-1, shape[-1]), h.reshape(-1, h.shape[-1]), B.down.t().to(out.dtype))
+        out = out.reshape(shape)
     elif B is not None:
-        out = out + x.sum(dim=-1, keepdim=True) * B.to(out.dtype)
+        out = torch.addcmul(out, x.sum(dim=-1, keepdim=True).to(out.dtype), B.to(out.dtype))
     return out
