@@ -58,6 +58,7 @@ class SuperGloraLinear(nn.Module):
         self.reset_parameters()
         self.choice: LayerChoice = NONE_CHOICE
         self._merged: Optional[tuple[torch.Tensor, Optional[torch.Tensor]]] = None
+        self._merged_cast: Optional[tuple[torch.Tensor, Optional[torch.Tensor]]] = None
 
     def reset_parameters(self) -> None:
         for name in ("A_down", "B_down", "C_down", "D", "E"):
@@ -76,7 +77,7 @@ class SuperGloraLinear(nn.Module):
             if t in "CDE" and not self.has_bias and c != "none":
                 raise ValueError(f"a layer without bias keeps {t} at none, got {c}")
         self.choice = LayerChoice(*choice)
-        self._merged = None
+        self._merged = self._merged_cast = None
 
     def freeze_merged(self) -> None:
         """Fold the current path into a dense weight and bias once, for repeated evaluation of one subnet.
@@ -85,10 +86,23 @@ class SuperGloraLinear(nn.Module):
         """
         with torch.no_grad():
             self._merged = (self.merged_weight(), self.merged_bias())
+        self._merged_cast = None
+
+    def _frozen_for(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The folded weight and bias; under autocast cast once per frozen path, not once per batch."""
+        w, b = self._merged
+        dev = x.device.type
+        if torch.is_autocast_enabled(dev):
+            dt = torch.get_autocast_dtype(dev)
+            if w.dtype != dt and w.is_floating_point():
+                if self._merged_cast is None or self._merged_cast[0].dtype != dt:
+                    self._merged_cast = (w.to(dt), None if b is None else b.to(dt))
+                return self._merged_cast
+        return w, b
 
     def train(self, mode: bool = True):
         if mode:
-            self._merged = None
+            self._merged = self._merged_cast = None
         return super().train(mode)
 
     # ---- the active support tensors -----------------------------------------------------------------
@@ -134,7 +148,7 @@ class SuperGloraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._merged is not None and not torch.is_grad_enabled() and not self.training:
-            return F.linear(x, *self._merged)
+            return F.linear(x, *self._frozen_for(x))
         s = self.supports()
         return glora_linear(x, self.base_layer.weight, self.base_layer.bias, s["A"], s["B"], s["C"], s["D"], s["E"])
 
