@@ -193,8 +193,9 @@ def interleave(sides: dict[str, Callable[[], None]], repeats: int, warmup: int =
         for fn in sides.values():
             fn()
     times: dict[str, list[float]] = {k: [] for k in sides}
-    for _ in range(repeats):
-        for k, fn in sides.items():
+    for r in range(repeats):  # A B, then B A, ...: a load drift during a round hits both sides alike
+        for k in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
+            fn = sides[k]
             t0 = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t0)
@@ -216,11 +217,38 @@ def mem_worker(model_key: str, side: str, steps: int, threads: int = THREADS) ->
     else:
         model, params = build_peft_lora(spec)
         step = TrainStep(model, params, batch)
-    base = _maxrss_mib()
-    for _ in range(steps):
-        step()
-    peak = _maxrss_mib()
-    return {"baseline_mib": base, "peak_mib": peak, "step_mib": peak - base}
+    import gc
+    gc.collect()
+    if _reset_hwm():  # Linux: reset the high-water mark, so import-time peaks do not hide the step's
+        base = _status_mib("VmRSS")
+        for _ in range(steps):
+            step()
+        peak = _status_mib("VmHWM")
+        method = "VmHWM after clear_refs"
+    else:
+        base = _maxrss_mib()
+        for _ in range(steps):
+            step()
+        peak = _maxrss_mib()
+        method = "ru_maxrss"
+    return {"baseline_mib": base, "peak_mib": peak, "step_mib": peak - base, "method": method}
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _status_mib("VmHWM") > 0
+    except OSError:
+        return False
+
+
+def _status_mib(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024.0
+    return 0.0
 
 
 def measure_mem(model_key: str, sides: list[str], steps: int) -> dict[str, dict]:
@@ -383,7 +411,8 @@ def write_markdown(path: str, report: dict, command: str) -> None:
              "in `bench/README.md`.", "",
              f"Command: `{command}`", "",
              "Machine: " + ", ".join(f"{k} {v}" for k, v in report["env"].items()), "",
-             f"Repeats per side: {report['repeats']} (medians, sides interleaved A B A B in one process).", ""]
+             f"Repeats per side: {report['repeats']} (medians; sides interleaved in one process, A B then B A in "
+             "alternate rounds).", ""]
     for key, res in report["models"].items():
         lines += [f"## {res['model']} ({res['img']} px, batch {res['batch']})", "",
                   "| comparison | A (s) | B (s) | ratio A/B | target |", "|---|---|---|---|---|"]
@@ -427,10 +456,10 @@ def write_markdown(path: str, report: dict, command: str) -> None:
               "config_C='lora', config_D_E='vector')`.",
               f"- Search: one evaluation = `set_subnet(random subnet, freeze=True)` + `common.engine.evaluate` over "
               f"{EVAL_BATCHES} batches; compared with `evaluate` of the untouched timm model over the same batches.",
-              "- Peak memory: one subprocess per side builds its model, optimizer and batch, reads "
-              "`getrusage(RUSAGE_SELF).ru_maxrss` (baseline), runs a few steps and reads it again; the step figure "
-              "is the difference (activations, gradients, optimizer state, temporaries), the process figure the "
-              "final high-water mark.", ""]
+              "- Peak memory: one subprocess per side builds its model, optimizer and batch, resets the kernel's "
+              "resident high-water mark (`echo 5 > /proc/self/clear_refs`; `ru_maxrss` elsewhere), reads VmRSS "
+              "(baseline), runs 3 steps and reads VmHWM; the step figure is the difference (activations, "
+              "gradients, optimizer state, temporaries), the process figure the high-water mark itself.", ""]
     with open(path, "w") as f:
         f.write("\n".join(lines))
 
