@@ -411,7 +411,7 @@ def write_markdown(path: str, report: dict, command: str) -> None:
              "in `bench/README.md`.", "",
              f"Command: `{command}`", "",
              "Machine: " + ", ".join(f"{k} {v}" for k, v in report["env"].items()), "",
-             f"Repeats per side: {report['repeats']} (medians; sides interleaved in one process, A B then B A in "
+             f"Timed rounds per side: {report['repeats']} (medians; sides interleaved in one process, A B then B A in "
              "alternate rounds).", ""]
     for key, res in report["models"].items():
         lines += [f"## {res['model']} ({res['img']} px, batch {res['batch']})", "",
@@ -468,7 +468,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fast smoke run: small model, 2 repeats, no memory")
     ap.add_argument("--models", default="small,base", help="comma list of: small, base (tiny for tests)")
-    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--repeats", default=None, help="timed rounds per side: N, or one N per model (e.g. 4,2)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=THREADS, help="torch threads (the report uses 2)")
     ap.add_argument("--no-mem", action="store_true")
@@ -479,30 +479,36 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.mem_worker:
-        r = mem_worker(args.models, args.mem_worker, args.repeats or 3, args.threads)
+        r = mem_worker(args.models, args.mem_worker, int(args.repeats or 3), args.threads)
         print(json.dumps(r))
         return r
     keys = [k.strip() for k in args.models.split(",") if k.strip()]
     if args.quick and args.models == "small,base":
         keys = ["small"]
-    repeats = args.repeats or (2 if args.quick else 5)
+    reps = [int(r) for r in str(args.repeats).split(",")] if args.repeats else [2 if args.quick else 5]
+    reps += [reps[-1]] * (len(keys) - len(reps))
     mem = not args.no_mem and not args.quick
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
-    report: dict = {"env": versions(), "repeats": repeats, "models": {}}
+    report: dict = {"env": versions(), "repeats": dict(zip(keys, reps)), "models": {}, "ratios": {}}
     report["env"]["threads"] = args.threads
-    for k in keys:
-        report["models"][k] = bench_model(k, repeats, args.warmup, mem, mem_steps=3, log=log)
+    report["command"] = ("python bench/bench_speed.py "
+                         + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+
+    def flush() -> None:  # the report so far, after every part (a long run stopped early keeps what it has)
+        report["ratios"] = {f"{k}.{rk}": report["models"][k][rk] for k in report["models"] for rk in RATIO_KEYS
+                            if rk in report["models"][k]}
+        if "bf16_ranking" in report:
+            report["ratios"]["bf16_fp32_spearman"] = report["bf16_ranking"]["spearman"]
+        if args.out:
+            write_markdown(args.out, report, report["command"])
+
     if not args.no_bf16:
         log("bf16 vs fp32 ranking")
         report["bf16_ranking"] = bf16_ranking(n_subnets=min(8, args.bf16_subnets) if args.quick else args.bf16_subnets)
-    report["ratios"] = {f"{k}.{rk}": report["models"][k][rk] for k in keys for rk in RATIO_KEYS
-                        if rk in report["models"][k]}
-    if "bf16_ranking" in report:
-        report["ratios"]["bf16_fp32_spearman"] = report["bf16_ranking"]["spearman"]
-    command = "python bench/bench_speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    report["command"] = command.strip()
-    if args.out:
-        write_markdown(args.out, report, report["command"])
+        flush()
+    for k, r in zip(keys, reps):
+        report["models"][k] = bench_model(k, r, args.warmup, mem, mem_steps=3, log=log)
+        flush()
     print(json.dumps(report))
     return report
 
