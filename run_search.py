@@ -3,7 +3,7 @@
 
     python run_search.py --config demo                      # every stage, skipping finished ones
     python run_search.py --config vtab --set data.task=cifar --stage supernet
-    python run_search.py prepare --task dsprites_loc --root data/vtab-1k
+    python run_search.py prepare --task dsprites_loc --root datasets/vtab-1k
     python run_search.py inspect runs/demo
 """
 from __future__ import annotations
@@ -67,7 +67,7 @@ def cmd_prepare(argv: list[str]) -> int:
     from data.offline import OFFLINE_TASKS, prepare_task
     p = argparse.ArgumentParser(prog="run_search.py prepare", description="write an offline task in VTAB-1k layout")
     p.add_argument("--task", required=True, help=f"one of {', '.join(OFFLINE_TASKS)}")
-    p.add_argument("--root", default="data/vtab-1k", help="folder to write <root>/<task> into")
+    p.add_argument("--root", default="datasets/vtab-1k", help="folder to write <root>/<task> into")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing task folder")
     args = p.parse_args(argv)
