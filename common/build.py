@@ -39,7 +39,7 @@ def input_size(cfg, model: nn.Module) -> int:
     return int(timm.data.resolve_model_data_config(model)["input_size"][-1])
 
 
-def load_split(cfg, model: nn.Module, split: str, in_memory: bool = True):
+def load_split(cfg, model: nn.Module, split: str, in_memory: bool = True, progress: bool = True):
     """A split as an :class:`InMemorySplit` (decoded once) or a streaming dataset (``in_memory=False``)."""
     from data.vtab import VtabDataset, build_transform
     transform = build_transform(model, input_size(cfg, model))
@@ -47,12 +47,12 @@ def load_split(cfg, model: nn.Module, split: str, in_memory: bool = True):
     if not in_memory:
         return ds
     return InMemorySplit.from_dataset(ds, desc=split, batch_size=cfg.data.eval_batch_size,
-                                      num_workers=cfg.data.num_workers)
+                                      num_workers=cfg.data.num_workers, progress=progress)
 
 
 def stream_batches(cfg, dataset):
     return torch.utils.data.DataLoader(dataset, batch_size=cfg.data.eval_batch_size, shuffle=False,
-                                       num_workers=cfg.data.num_workers)
+                                       num_workers=cfg.data.num_workers, progress=progress)
 
 
 def build_supernet(cfg, num_classes: int):

@@ -43,11 +43,12 @@ class InMemorySplit:
         self.images, self.labels = images, labels
 
     @classmethod
-    def from_dataset(cls, dataset, desc: str = "", batch_size: int = 64, num_workers: int = 0) -> "InMemorySplit":
+    def from_dataset(cls, dataset, desc: str = "", batch_size: int = 64, num_workers: int = 0,
+                     progress: bool = True) -> "InMemorySplit":
         from tqdm import tqdm
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
         xs, ys = [], []
-        for x, y in tqdm(loader, desc=f"loading {desc}", leave=False, dynamic_ncols=True):
+        for x, y in tqdm(loader, desc=f"loading {desc}", leave=False, dynamic_ncols=True, disable=not progress):
             xs.append(x)
             ys.append(torch.as_tensor(y))
         return cls(torch.cat(xs), torch.cat(ys).long())
@@ -74,8 +75,12 @@ class InMemorySplit:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
-             precision: str = "fp32", max_batches: int = 0) -> float:
-    """Top-1 accuracy (fraction) over ``batches``; restores the model's train/eval mode."""
+             precision: str = "fp32", max_batches: int = 0, desc: str = "") -> float:
+    """Top-1 accuracy (fraction) over ``batches``; restores the model's train/eval mode.
+    ``desc`` shows a progress bar with that label (for long splits)."""
+    if desc:
+        from tqdm import tqdm
+        batches = tqdm(batches, desc=desc, leave=False, dynamic_ncols=True)
     was_training = model.training
     model.eval()
     correct = total = 0

@@ -96,7 +96,7 @@ def run_retrain(cfg: Config, progress: bool = True) -> dict:
     adapter_params = sum(p.numel() for p in adapter_parameters(model))
     head_params = sum(p.numel() for p in head_parameters(model))
 
-    train = load_split(cfg, model, "train800val200")
+    train = load_split(cfg, model, "train800val200", progress=progress)
     test_ds = load_split(cfg, model, "test", in_memory=False)
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     fingerprint = {"model": cfg.model.to_dict(), "subnet": [list(c) for c in subnet.layers],
@@ -129,7 +129,8 @@ def run_retrain(cfg: Config, progress: bool = True) -> dict:
     atomic_save_safetensors(out / MERGED, merged_sd, metadata=meta)
     # the test split is scored once, on the merged model (what a user deploys); the adapted model computes the
     # same logits up to merge_max_abs_diff
-    test_acc = evaluate(merged, stream_batches(cfg, test_ds), device, cfg.precision)
+    test_acc = evaluate(merged, stream_batches(cfg, test_ds), device, cfg.precision,
+                        desc="test (merged)" if progress else "")
 
     head_only = None
     if cfg.retrain.head_only_baseline:
@@ -153,6 +154,6 @@ def head_only_baseline(cfg: Config, num_classes: int, train, test_ds, device, pr
     out = stage_dir(cfg, cfg.retrain.dir) / "head_only"
     fit(model, named, train, _fit_spec(cfg, "head only", {"model": cfg.model.to_dict(), "head_only": True}),
         out, device, progress=progress)
-    acc = evaluate(model, stream_batches(cfg, test_ds), device, cfg.precision)
+    acc = evaluate(model, stream_batches(cfg, test_ds), device, cfg.precision, desc="test (head only)" if progress else "")
     _logger.info("head-only baseline: test top-1 %.4f", acc)
     return acc

@@ -45,7 +45,7 @@ def run_search(cfg: Config, progress: bool = True) -> dict:
     sn = load_trained_supernet(cfg, num_classes, device).eval()
     min_p, max_p = int(round(s.min_params_m * 1e6)), int(round(s.max_params_m * 1e6))
     check_budget(sn.space, min_p, max_p)  # before any image is loaded
-    val = load_split(cfg, sn.model, "val200")
+    val = load_split(cfg, sn.model, "val200", progress=progress)
 
     def score(subnet: Subnet) -> float:
         sn.set_subnet(subnet, freeze=True)  # fold each layer once; every batch then runs plain linears

@@ -38,8 +38,8 @@ def train_supernet(cfg: Config, progress: bool = True) -> dict:
     s = cfg.supernet
     num_classes = prepare_data(cfg)
     sn = build_supernet(cfg, num_classes).to(device)
-    train = load_split(cfg, sn.model, "train800")
-    val = load_split(cfg, sn.model, "val200")
+    train = load_split(cfg, sn.model, "train800", progress=progress)
+    val = load_split(cfg, sn.model, "val200", progress=progress)
     probes = [sn.space.path(cfg.seed + PROBE_SEED_OFFSET, k) for k in range(s.probe_paths)]
 
     def probe(epoch: int) -> dict:

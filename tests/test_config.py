@@ -12,9 +12,27 @@ from common.errors import UserError
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def cli(*args, cwd=ROOT):
+def real_cli(*args):
     return subprocess.run([sys.executable, str(ROOT / "run_search.py"), *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=120)
+                          cwd=ROOT, timeout=120)
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run the CLI in-process; ``real_cli`` checks the same in a separate process once."""
+    import run_search
+
+    def run(*args):
+        code = run_search.main(list(args))
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out.out, out.err)
+    return run
+
+
+def test_real_process_exit_code_and_message(tmp_path):
+    r = real_cli("--set", "supernet.lrr=0.1", "--set", f"output_dir={tmp_path / 'o'}")
+    assert r.returncode == 2 and r.stderr.strip() == "error: unknown config key 'supernet.lrr'; nearest valid: " \
+        "supernet.lr, supernet.min_lr, supernet"
 
 
 def test_every_default_key_has_a_comment():
@@ -50,7 +68,7 @@ def test_overrides_keep_types_and_reach_free_form_mappings():
     ("supernet", "expected section.key=value"),
     ("modle.name=x", "unknown config key 'modle'"),
 ])
-def test_config_errors_exit_2_with_one_line(tmp_path, override, fragment):
+def test_config_errors_exit_2_with_one_line(cli, tmp_path, override, fragment):
     r = cli("--set", override, "--set", f"output_dir={tmp_path / 'o'}")
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
@@ -59,7 +77,7 @@ def test_config_errors_exit_2_with_one_line(tmp_path, override, fragment):
     assert not (tmp_path / "o").exists()
 
 
-def test_unknown_key_in_task_file_and_missing_config(tmp_path):
+def test_unknown_key_in_task_file_and_missing_config(cli, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"supernet": {"epochz": 3}}))
     r = cli("--config", str(bad))
@@ -68,7 +86,7 @@ def test_unknown_key_in_task_file_and_missing_config(tmp_path):
     assert r.returncode == 2 and "config 'no_such_task' not found" in r.stderr and "demo" not in r.stdout
 
 
-def test_config_found_by_name_and_resolved_config_written(tmp_path):
+def test_config_found_by_name_and_resolved_config_written(cli, tmp_path):
     r = cli("--config", "tiny", "--set", f"output_dir={tmp_path}", "--print-config")
     assert r.returncode == 0, r.stderr
     cfg = yaml.safe_load(r.stdout)
