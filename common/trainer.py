@@ -38,16 +38,24 @@ class FitSpec:
     batch_size: int = 32
     seed: int = 0
     precision: str = "fp32"
+    head_lr_scale: float = 1.0  # the classifier head's lr is lr * head_lr_scale
     desc: str = "train"
     fingerprint: dict = field(default_factory=dict)  # must match on resume (model, layers, subnet, ...)
 
 
-def optimizer_for(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW; matrices decay, vectors, scalars and biases do not."""
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+def optimizer_for(named_params: dict[str, nn.Parameter], lr: float, weight_decay: float,
+                  head_names: set[str] = frozenset(), head_lr_scale: float = 1.0) -> torch.optim.Optimizer:
+    """AdamW; matrices decay, vectors, scalars and biases do not; head parameters get ``lr * head_lr_scale``.
+    Each group keeps its ``lr_scale`` so the schedule can set ``lr = schedule(step) * lr_scale``."""
+    groups = []
+    for is_head in (False, True):
+        scale = head_lr_scale if is_head else 1.0
+        for decay in (True, False):
+            ps = [p for n, p in named_params.items() if (n in head_names) == is_head and (p.ndim >= 2) == decay]
+            if ps:
+                groups.append({"params": ps, "weight_decay": weight_decay if decay else 0.0, "lr": lr * scale,
+                               "lr_scale": scale})
+    return torch.optim.AdamW(groups, lr=lr)
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -61,12 +69,14 @@ def checkpoint_epoch(out_dir: str | Path) -> int:
 
 def fit(model: nn.Module, named_params: dict[str, nn.Parameter], train: InMemorySplit, spec: FitSpec,
         out_dir: str | Path, device: torch.device, before_step: Optional[Callable[[int], None]] = None,
-        after_epoch: Optional[Callable[[int], dict]] = None, progress: bool = True) -> list[dict]:
-    """Train ``named_params`` of ``model`` on ``train``; checkpoint and log each epoch under ``out_dir``."""
+        after_epoch: Optional[Callable[[int], dict]] = None, progress: bool = True,
+        head_names: set[str] = frozenset()) -> list[dict]:
+    """Train ``named_params`` of ``model`` on ``train``; checkpoint and log each epoch under ``out_dir``.
+    ``head_names``: the keys of ``named_params`` that belong to the classifier head (see ``head_lr_scale``)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     params = list(named_params.values())
-    opt = optimizer_for(params, spec.lr, spec.weight_decay)
+    opt = optimizer_for(named_params, spec.lr, spec.weight_decay, set(head_names), spec.head_lr_scale)
     bs = spec.batch_size
     drop_last = len(train) > bs
     steps_per_epoch = train.num_batches(bs, drop_last=drop_last)
@@ -106,7 +116,7 @@ def fit(model: nn.Module, named_params: dict[str, nn.Parameter], train: InMemory
             step = epoch * steps_per_epoch + i
             lr = lr_at(step, total, warmup, spec.lr, spec.min_lr)
             for g in opt.param_groups:
-                g["lr"] = lr
+                g["lr"] = lr * g["lr_scale"]
             if before_step is not None:
                 before_step(step)
             x, y = x.to(device), y.to(device)

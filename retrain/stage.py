@@ -15,7 +15,7 @@ from common.engine import evaluate, resolve_device, set_threads
 from common.errors import UserError
 from common.io import atomic_save_safetensors, atomic_write_json
 from common.trainer import FitSpec, fit
-from supernet.inject import freeze_all_but, head_parameters
+from supernet.inject import freeze_all_but, head_names, head_parameters
 from supernet.space import SearchSpace, Subnet
 
 from .build import adapter_parameters, apply_subnet, layer_specs, merge_and_unload
@@ -82,7 +82,8 @@ def _fit_spec(cfg: Config, desc: str, fingerprint: dict) -> FitSpec:
     r = cfg.retrain
     return FitSpec(epochs=r.epochs, lr=r.lr, weight_decay=r.weight_decay, warmup_epochs=r.warmup_epochs,
                    min_lr=r.min_lr, max_steps_per_epoch=r.max_steps_per_epoch, batch_size=cfg.data.batch_size,
-                   seed=cfg.seed, precision=cfg.precision, desc=desc, fingerprint=fingerprint)
+                   seed=cfg.seed, precision=cfg.precision, desc=desc, fingerprint=fingerprint,
+                   head_lr_scale=r.head_lr_scale)
 
 
 def run_retrain(cfg: Config, progress: bool = True) -> dict:
@@ -106,7 +107,8 @@ def run_retrain(cfg: Config, progress: bool = True) -> dict:
         raise UserError(f"{out} holds the retrain of another subnet; keep it and retrain this one elsewhere "
                         f"with --set retrain.dir=retrain-2 (or delete {out})")
     subnet.to_yaml(out / "subnet.yaml", space.specs, model=cfg.model.name)
-    fit(model, named, train, _fit_spec(cfg, "retrain", fingerprint), out, device, progress=progress)
+    fit(model, named, train, _fit_spec(cfg, "retrain", fingerprint), out, device, progress=progress,
+        head_names=head_names(model))
     atomic_save_safetensors(out / "adapters.safetensors",
                             {n: p for n, p in model.named_parameters() if p.requires_grad})
 
@@ -153,7 +155,7 @@ def head_only_baseline(cfg: Config, num_classes: int, train, test_ds, device, pr
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     out = stage_dir(cfg, cfg.retrain.dir) / "head_only"
     fit(model, named, train, _fit_spec(cfg, "head only", {"model": cfg.model.to_dict(), "head_only": True}),
-        out, device, progress=progress)
+        out, device, progress=progress, head_names=head_names(model))
     acc = evaluate(model, stream_batches(cfg, test_ds), device, cfg.precision, desc="test (head only)" if progress else "")
     _logger.info("head-only baseline: test top-1 %.4f", acc)
     return acc

@@ -80,3 +80,9 @@ def head_parameters(model: nn.Module) -> list[nn.Parameter]:
                     seen.add(id(p))
                     out.append(p)
     return out
+
+
+def head_names(model: nn.Module) -> set[str]:
+    """Parameter names (as ``model.named_parameters`` gives them) of the classifier head."""
+    ids = {id(p) for p in head_parameters(model)}
+    return {n for n, p in model.named_parameters() if id(p) in ids}

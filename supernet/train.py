@@ -18,6 +18,7 @@ from common.config import Config
 from common.engine import evaluate, resolve_device, set_threads
 from common.io import atomic_save_safetensors
 from common.trainer import FitSpec, checkpoint_epoch, fit
+from supernet.inject import head_names
 
 _logger = logging.getLogger(__name__)
 
@@ -54,12 +55,13 @@ def train_supernet(cfg: Config, progress: bool = True) -> dict:
     spec = FitSpec(epochs=s.epochs, lr=s.lr, weight_decay=s.weight_decay, warmup_epochs=s.warmup_epochs,
                    min_lr=s.min_lr, grad_clip=s.grad_clip, max_steps_per_epoch=s.max_steps_per_epoch,
                    batch_size=cfg.data.batch_size, seed=cfg.seed, precision=cfg.precision, desc="supernet",
+                   head_lr_scale=s.head_lr_scale,
                    fingerprint={"model": cfg.model.to_dict(), "layers": list(sn.layer_names),
                                 "space": {t: list(o) for t, o in sn.space.tensor_options.items()},
                                 "task": [cfg.data.root, cfg.data.task], "num_classes": num_classes})
     named = {n: p for n, p in sn.model.named_parameters() if p.requires_grad}
     log = fit(sn, named, train, spec, out, device, before_step=lambda step: sn.sample_path(cfg.seed, step),
-              after_epoch=probe, progress=progress)
+              after_epoch=probe, progress=progress, head_names=head_names(sn.model))
     atomic_save_safetensors(out / ADAPTERS, sn.trainable_state_dict(),
                             metadata={"epochs": str(s.epochs), "num_classes": str(num_classes)})
     return {"epochs": s.epochs, "adapter_file": str(out / ADAPTERS), "num_classes": num_classes,
