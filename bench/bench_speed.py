@@ -328,49 +328,57 @@ def bf16_ranking(n_subnets: int = 20, n_images: int = 256, seed: int = 0, depth:
 
 
 # ---- one model --------------------------------------------------------------------------------------------
-def bench_model(model_key: str, repeats: int, warmup: int, mem: bool, mem_steps: int, log=print) -> dict:
+PARTS = ("train", "retrain", "infer", "search", "mem")
+
+
+def bench_model(model_key: str, repeats: int, warmup: int, mem: bool, mem_steps: int, log=print,
+                parts=PARTS) -> dict:
     spec = MODELS[model_key]
     batch = data(spec)[0]
     res: dict = {"model": spec["name"], "img": spec["img"], "batch": spec["batch"]}
 
-    log(f"[{model_key}] 1. supernet step vs PEFT LoRA step")
-    sides = {"supernet": supernet_step(spec, batch), "peft_lora": None,
-             "supernet_no_lora_A": supernet_step(spec, batch, no_lora_a=True)}
-    m, p = build_peft_lora(spec)
-    sides["peft_lora"] = TrainStep(m, p, batch)
-    t = interleave(sides, repeats, warmup)
-    res["train_s"] = t
-    res["train_supernet_vs_peft_lora"] = t["supernet"] / t["peft_lora"]
-    res["train_supernet_no_lora_A_vs_peft_lora"] = t["supernet_no_lora_A"] / t["peft_lora"]
-    del sides, m, p
+    if "train" in parts:
+        log(f"[{model_key}] 1. supernet step vs PEFT LoRA step")
+        sides = {"supernet": supernet_step(spec, batch), "peft_lora": None,
+                 "supernet_no_lora_A": supernet_step(spec, batch, no_lora_a=True)}
+        m, p = build_peft_lora(spec)
+        sides["peft_lora"] = TrainStep(m, p, batch)
+        t = interleave(sides, repeats, warmup)
+        res["train_s"] = t
+        res["train_supernet_vs_peft_lora"] = t["supernet"] / t["peft_lora"]
+        res["train_supernet_no_lora_A_vs_peft_lora"] = t["supernet_no_lora_A"] / t["peft_lora"]
+        del sides, m, p
 
-    log(f"[{model_key}] 2. retrain step vs PEFT GLoRA step")
-    m1, p1 = build_retrain(spec)
-    m2, p2 = build_peft_glora(spec)
-    t = interleave({"retrain": TrainStep(m1, p1, batch), "peft_glora": TrainStep(m2, p2, batch)}, repeats, warmup)
-    res["retrain_s"] = t
-    res["retrain_vs_peft_glora"] = t["retrain"] / t["peft_glora"]
-    del m1, p1, m2, p2
+    if "retrain" in parts:
+        log(f"[{model_key}] 2. retrain step vs PEFT GLoRA step")
+        m1, p1 = build_retrain(spec)
+        m2, p2 = build_peft_glora(spec)
+        t = interleave({"retrain": TrainStep(m1, p1, batch), "peft_glora": TrainStep(m2, p2, batch)}, repeats, warmup)
+        res["retrain_s"] = t
+        res["retrain_vs_peft_glora"] = t["retrain"] / t["peft_glora"]
+        del m1, p1, m2, p2
 
-    log(f"[{model_key}] 3. inference: merged vs timm, unmerged vs merged")
-    unmerged, merged = build_merged(spec)
-    plain = create(spec).eval()
-    t = interleave({"merged": infer(merged, batch[0]), "timm": infer(plain, batch[0]),
-                    "unmerged": infer(unmerged, batch[0])}, repeats, warmup)
-    res["infer_s"] = t
-    res["infer_merged_vs_timm"] = t["merged"] / t["timm"]
-    res["infer_unmerged_vs_merged"] = t["unmerged"] / t["merged"]
-    del unmerged, merged, plain
+    if "infer" in parts:
+        log(f"[{model_key}] 3. inference: merged vs timm, unmerged vs merged")
+        unmerged, merged = build_merged(spec)
+        plain = create(spec).eval()
+        t = interleave({"merged": infer(merged, batch[0]), "timm": infer(plain, batch[0]),
+                        "unmerged": infer(unmerged, batch[0])}, repeats, warmup)
+        res["infer_s"] = t
+        res["infer_merged_vs_timm"] = t["merged"] / t["timm"]
+        res["infer_unmerged_vs_merged"] = t["unmerged"] / t["merged"]
+        del unmerged, merged, plain
 
-    log(f"[{model_key}] 4. search: candidate evaluation vs plain inference over {EVAL_BATCHES} batches")
-    candidate, plain_eval = search_eval(spec, data(spec, EVAL_BATCHES, seed=1))
-    t = interleave({"candidate": candidate, "inference": plain_eval}, repeats, warmup)
-    res["search_s"] = t
-    res["search_evals_per_s"] = 1.0 / t["candidate"]
-    res["search_evals_vs_inference"] = t["inference"] / t["candidate"]  # (evals/s) / (inference passes/s)
-    del candidate, plain_eval
+    if "search" in parts:
+        log(f"[{model_key}] 4. search: candidate evaluation vs plain inference over {EVAL_BATCHES} batches")
+        candidate, plain_eval = search_eval(spec, data(spec, EVAL_BATCHES, seed=1))
+        t = interleave({"candidate": candidate, "inference": plain_eval}, repeats, warmup)
+        res["search_s"] = t
+        res["search_evals_per_s"] = 1.0 / t["candidate"]
+        res["search_evals_vs_inference"] = t["inference"] / t["candidate"]  # (evals/s) / (inference passes/s)
+        del candidate, plain_eval
 
-    if mem:
+    if mem and "mem" in parts:
         log(f"[{model_key}] 5. peak memory (subprocess per side)")
         mm = measure_mem(model_key, ["supernet", "peft_lora"], mem_steps)
         a, b = mm["supernet"], mm["peft_lora"]
@@ -407,8 +415,8 @@ def verdict(key: str, value: float) -> str:
 
 
 def write_markdown(path: str, report: dict, command: str) -> None:
-    lines = ["# Benchmark results", "", "Generated by `bench/bench_speed.py`; the analysis below the tables is kept "
-             "in `bench/README.md`.", "",
+    lines = ["# Benchmark results", "", "Tables generated by `bench/bench_speed.py`; the cost model behind them is in "
+             "`bench/README.md`.", "",
              f"Command: `{command}`", "",
              "Machine: " + ", ".join(f"{k} {v}" for k, v in report["env"].items()), "",
              f"Timed rounds per side: {report['repeats']} (medians; sides interleaved in one process, A B then B A in "
@@ -424,11 +432,15 @@ def write_markdown(path: str, report: dict, command: str) -> None:
                 ("merged inference / timm inference", "infer_s", "merged", "timm", "infer_merged_vs_timm"),
                 ("unmerged inference / merged inference", "infer_s", "unmerged", "merged", "infer_unmerged_vs_merged")]
         for label, grp, a, b, rk in rows:
+            if grp not in res:
+                continue
             lines.append(f"| {label} | {res[grp][a]:.4f} | {res[grp][b]:.4f} | {res[rk]:.3f} | {verdict(rk, res[rk])} |")
-        s = res["search_s"]
-        lines.append(f"| search: evaluations/s / inference passes/s ({EVAL_BATCHES} batches) | {s['candidate']:.4f} | "
-                     f"{s['inference']:.4f} | {res['search_evals_vs_inference']:.3f} | "
-                     f"{verdict('search_evals_vs_inference', res['search_evals_vs_inference'])} |")
+        s = res.get("search_s")
+        if s:
+            lines.append(f"| search: evaluations/s / inference passes/s ({EVAL_BATCHES} batches) | "
+                         f"{s['candidate']:.4f} | "
+                         f"{s['inference']:.4f} | {res['search_evals_vs_inference']:.3f} | "
+                         f"{verdict('search_evals_vs_inference', res['search_evals_vs_inference'])} |")
         if "mem_mib" in res:
             mm = res["mem_mib"]
             lines.append(f"| peak memory of a step above the built model (MiB) | {mm['supernet']['step_mib']:.0f} | "
@@ -473,6 +485,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=THREADS, help="torch threads (the report uses 2)")
     ap.add_argument("--no-mem", action="store_true")
     ap.add_argument("--no-bf16", action="store_true")
+    ap.add_argument("--parts", default=",".join(PARTS), help="comma list of: " + ", ".join(PARTS))
     ap.add_argument("--bf16-subnets", type=int, default=20, help="subnets ranked in fp32 and bf16")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results.md"), help="markdown report ('' = none)")
     ap.add_argument("--mem-worker", default=None, help=argparse.SUPPRESS)
@@ -507,7 +520,8 @@ def main(argv=None) -> dict:
         report["bf16_ranking"] = bf16_ranking(n_subnets=min(8, args.bf16_subnets) if args.quick else args.bf16_subnets)
         flush()
     for k, r in zip(keys, reps):
-        report["models"][k] = bench_model(k, r, args.warmup, mem, mem_steps=3, log=log)
+        report["models"][k] = bench_model(k, r, args.warmup, mem, mem_steps=3, log=log,
+                                          parts=[p.strip() for p in args.parts.split(",")])
         flush()
     print(json.dumps(report))
     return report
