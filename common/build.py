@@ -52,7 +52,7 @@ def load_split(cfg, model: nn.Module, split: str, in_memory: bool = True, progre
 
 def stream_batches(cfg, dataset):
     return torch.utils.data.DataLoader(dataset, batch_size=cfg.data.eval_batch_size, shuffle=False,
-                                       num_workers=cfg.data.num_workers, progress=progress)
+                                       num_workers=cfg.data.num_workers)
 
 
 def build_supernet(cfg, num_classes: int):

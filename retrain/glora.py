@@ -6,13 +6,13 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from supernet.layer import SuperGloraLinear, init_up_
-from supernet.ops import Lora, Support, glora_linear, merged_bias, merged_weight
+from supernet.layer import GloraAlgebra, SuperGloraLinear, init_up_
+from supernet.ops import Lora, Support
 from supernet.params import lora_rank
 from supernet.space import TENSORS, LayerChoice
 
 
-class GloraLinear(nn.Module):
+class GloraLinear(GloraAlgebra, nn.Module):
     """A frozen ``nn.Linear`` with the GLoRA support tensors of one fixed choice.
 
     Parameters (only those the choice uses): ``<T>_down``/``<T>_up`` for ``lora_<r>`` (A/B:
@@ -78,14 +78,6 @@ class GloraLinear(nn.Module):
     def adapter_parameters(self) -> list[nn.Parameter]:
         return [p for n, p in self.named_parameters(recurse=False)]
 
-    def merged_weight(self) -> torch.Tensor:
-        s = self.supports()
-        return merged_weight(self.base_layer.weight, s["A"], s["B"])
-
-    def merged_bias(self) -> Optional[torch.Tensor]:
-        s = self.supports()
-        return merged_bias(self.base_layer.weight, self.base_layer.bias, s["C"], s["D"], s["E"])
-
     def merge(self) -> nn.Linear:
         """A plain ``nn.Linear`` computing what this layer computes."""
         with torch.no_grad():
@@ -98,8 +90,7 @@ class GloraLinear(nn.Module):
         return lin
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = self.supports()
-        return glora_linear(x, self.base_layer.weight, self.base_layer.bias, s["A"], s["B"], s["C"], s["D"], s["E"])
+        return self.adapted_forward(x)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, choice={tuple(self.choice)}"

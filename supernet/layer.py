@@ -25,7 +25,28 @@ def init_up_(t: torch.Tensor) -> None:
     nn.init.kaiming_uniform_(t, a=math.sqrt(5))
 
 
-class SuperGloraLinear(nn.Module):
+class GloraAlgebra:
+    """What a GLoRA layer computes from its ``supports()`` (A-E) and its frozen ``base_layer``."""
+
+    base_layer: nn.Linear
+
+    def supports(self) -> dict[str, Support]:
+        raise NotImplementedError
+
+    def merged_weight(self) -> torch.Tensor:
+        s = self.supports()
+        return merged_weight(self.base_layer.weight, s["A"], s["B"])
+
+    def merged_bias(self) -> Optional[torch.Tensor]:
+        s = self.supports()
+        return merged_bias(self.base_layer.weight, self.base_layer.bias, s["C"], s["D"], s["E"])
+
+    def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.supports()
+        return glora_linear(x, self.base_layer.weight, self.base_layer.bias, s["A"], s["B"], s["C"], s["D"], s["E"])
+
+
+class SuperGloraLinear(GloraAlgebra, nn.Module):
     """A frozen linear layer plus every GLoRA choice at once; ``set_choice`` picks the active path.
 
     Args:
@@ -138,19 +159,10 @@ class SuperGloraLinear(nn.Module):
         """The active path's A-E as views of the shared storage."""
         return {"A": self._ab("A"), "B": self._ab("B"), "C": self._c(), "D": self._de("D"), "E": self._de("E")}
 
-    def merged_weight(self) -> torch.Tensor:
-        s = self.supports()
-        return merged_weight(self.base_layer.weight, s["A"], s["B"])
-
-    def merged_bias(self) -> Optional[torch.Tensor]:
-        s = self.supports()
-        return merged_bias(self.base_layer.weight, self.base_layer.bias, s["C"], s["D"], s["E"])
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._merged is not None and not torch.is_grad_enabled() and not self.training:
             return F.linear(x, *self._frozen_for(x))
-        s = self.supports()
-        return glora_linear(x, self.base_layer.weight, self.base_layer.bias, s["A"], s["B"], s["C"], s["D"], s["E"])
+        return self.adapted_forward(x)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.has_bias}, "

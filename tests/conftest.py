@@ -1,4 +1,5 @@
 import os
+import subprocess
 import sys
 
 import pytest
@@ -22,3 +23,24 @@ def tiny_vit(num_classes: int = 5, img_size: int = 32, depth: int = 2, **kw):
 def vit():
     torch.manual_seed(0)
     return tiny_vit().eval()
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory):
+    """A generated dsprites_loc task in VTAB-1k layout, shared by the tests of a session."""
+    root = tmp_path_factory.mktemp("vtab")
+    from data.offline import prepare_task
+    prepare_task("dsprites_loc", root, seed=0)
+    return root
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run the CLI in-process: returns (returncode, stdout, stderr) as a CompletedProcess."""
+    import run_search
+
+    def run(*args):
+        code = run_search.main(list(args))
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out.out, out.err)
+    return run

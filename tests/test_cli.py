@@ -9,18 +9,6 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--config", "tiny", "--no-progress"]
 
 
-@pytest.fixture
-def cli(capsys):
-    """Run the CLI in-process (the exit code is main()'s return value; test_config checks a real process)."""
-    import run_search
-
-    def run(*args):
-        code = run_search.main(list(args))
-        out = capsys.readouterr()
-        return subprocess.CompletedProcess(args, code, out.out, out.err)
-    return run
-
-
 def one_line_error(r, fragment):
     assert r.returncode == 2, (r.stdout, r.stderr)
     lines = r.stderr.strip().splitlines()

@@ -17,18 +17,6 @@ def real_cli(*args):
                           cwd=ROOT, timeout=120)
 
 
-@pytest.fixture
-def cli(capsys):
-    """Run the CLI in-process; ``real_cli`` checks the same in a separate process once."""
-    import run_search
-
-    def run(*args):
-        code = run_search.main(list(args))
-        out = capsys.readouterr()
-        return subprocess.CompletedProcess(args, code, out.out, out.err)
-    return run
-
-
 def test_real_process_exit_code_and_message(tmp_path):
     r = real_cli("--set", "supernet.lrr=0.1", "--set", f"output_dir={tmp_path / 'o'}")
     assert r.returncode == 2 and r.stderr.strip() == "error: unknown config key 'supernet.lrr'; nearest valid: " \

@@ -42,7 +42,7 @@ def dense_reference(layer: SuperGloraLinear, x: torch.Tensor) -> torch.Tensor:
         if c == "vector":
             return down[:, 0:1].expand(d_out, d_in)
         if c == "scalar":
-            return torch.full((d_out, d_in), float(down[0, 0]), dtype=torch.float64)
+            return torch.full((d_out, d_in), float(down[0, 0].detach()), dtype=torch.float64)
         r = int(c.split("_")[1])
         return sum(torch.outer(down[:, k], up[k, :]) for k in range(r))
 

@@ -17,14 +17,6 @@ from supernet.space import Subnet
 TINY_KW = "{img_size: 32, patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2}"
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("vtab")
-    from data.offline import prepare_task
-    prepare_task("dsprites_loc", root, seed=0)
-    return root
-
-
 def tiny_args(out, root, *extra):
     sets = [f"output_dir={out}", f"data.root={root}", "supernet.max_steps_per_epoch=6",
             "retrain.max_steps_per_epoch=6", "search.max_eval_batches=1", "data.eval_batch_size=100", *extra]

@@ -13,14 +13,6 @@ TINY = ["model.name=vit_tiny_patch16_224", "model.checkpoint=''",
         "supernet.probe_paths=1", "glora.ranks=[2, 4]"]
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("vtab")
-    from data.offline import prepare_task
-    prepare_task("dsprites_loc", root, seed=0)
-    return root
-
-
 def tiny_cfg(out, root, *extra):
     return load_config(None, TINY + [f"output_dir={out}", f"data.root={root}", *extra])
 
