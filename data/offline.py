@@ -65,6 +65,26 @@ def _find_idx(folder: Path, stem: str) -> Path | None:
     return None
 
 
+def _apt_download(package: str, dest: str, cache: Path) -> None:
+    """``apt-get download package`` into ``dest``; when the machine's package lists lack it (a fresh machine
+    that never ran ``apt-get update``), refresh a private copy of the lists under ``cache`` (no root needed)
+    and try again."""
+    cmd = ["apt-get", "download", package]
+    try:
+        subprocess.run(cmd, cwd=dest, check=True, capture_output=True, text=True, timeout=600)
+        return
+    except subprocess.CalledProcessError:
+        pass
+    lists = cache / "apt-lists"
+    (lists / "partial").mkdir(parents=True, exist_ok=True)
+    (cache / "apt-cache" / "archives" / "partial").mkdir(parents=True, exist_ok=True)
+    opts = ["-o", f"Dir::State::Lists={lists}", "-o", f"Dir::Cache={cache / 'apt-cache'}",
+            "-o", "Debug::NoLocking=1", "-o", "APT::Sandbox::User=root"]
+    subprocess.run(["apt-get", *opts, "update"], check=True, capture_output=True, text=True, timeout=600)
+    subprocess.run(["apt-get", *opts, "download", package], cwd=dest, check=True, capture_output=True,
+                   text=True, timeout=600)
+
+
 def fashion_mnist_dir() -> Path:
     """Folder with the Fashion-MNIST idx files: the installed Debian package, or the package unpacked without
     root (``apt-get download`` + ``dpkg -x``) into the cache folder."""
@@ -81,8 +101,7 @@ def fashion_mnist_dir() -> Path:
     base.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=base, prefix=".download-") as tmp:
         try:
-            subprocess.run(["apt-get", "download", FASHION_MNIST_PACKAGE], cwd=tmp, check=True,
-                           capture_output=True, text=True, timeout=600)
+            _apt_download(FASHION_MNIST_PACKAGE, tmp, base)
             debs = sorted(Path(tmp).glob(f"{FASHION_MNIST_PACKAGE}_*.deb"))
             if not debs:
                 raise UserError(f"offline data: apt-get download {FASHION_MNIST_PACKAGE} produced no .deb in {tmp}")
