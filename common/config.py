@@ -96,24 +96,24 @@ def _unknown(key: str, valid: Iterable[str]) -> UserError:
     return UserError(f"unknown config key {key!r}{hint}")
 
 
-def merge_into(base: dict, update: dict, defaults: dict, prefix: str = "", source: str = "") -> None:
-    """Merge ``update`` into ``base`` in place, checking keys and types against ``defaults``."""
+def merge_into(base: dict, update: dict, defaults: dict, prefix: str = "", source: str = "",
+               valid_keys: list[str] | None = None) -> None:
+    """Merge ``update`` into ``base`` in place, checking keys and types against ``defaults``.
+    ``valid_keys``: every dotted key of the whole config, for the nearest-key hint of an unknown key."""
+    valid_keys = _all_keys(defaults) if valid_keys is None else valid_keys
     if not isinstance(update, dict):
         raise UserError(f"{source or 'config'}: expected a mapping at {prefix.rstrip('.') or 'top level'}")
     for k, v in update.items():
         key = prefix + str(k)
         if k not in defaults:
-            raise _unknown(key, _all_keys(DEFAULTS_FLAT_CACHE or defaults))
+            raise _unknown(key, valid_keys)
         dv = defaults[k]
         if isinstance(dv, dict) and dv:
             if not isinstance(v, dict):
                 raise UserError(f"config key {key}: expected a mapping of {', '.join(dv)}, got {v!r}")
-            merge_into(base[k], v, dv, key + ".", source)
+            merge_into(base[k], v, dv, key + ".", source, valid_keys)
         else:
             base[k] = _coerce(key, v, dv)
-
-
-DEFAULTS_FLAT_CACHE: dict | None = None
 
 
 def load_defaults() -> dict:
@@ -147,9 +147,7 @@ def parse_set(item: str) -> tuple[list[str], Any]:
 
 def load_config(name: str | None = None, overrides: Iterable[str] = ()) -> Config:
     """Resolve defaults + task file + ``--set`` overrides into a :class:`Config`."""
-    global DEFAULTS_FLAT_CACHE
     defaults = load_defaults()
-    DEFAULTS_FLAT_CACHE = defaults
     cfg = copy.deepcopy(defaults)
     if name:
         path = find_config(name)
@@ -186,7 +184,6 @@ def load_config(name: str | None = None, overrides: Iterable[str] = ()) -> Confi
         for p in reversed(parts):
             update = {p: update}
         merge_into(cfg, update, defaults, source="--set")
-    DEFAULTS_FLAT_CACHE = None
     validate(cfg)
     return _wrap(cfg)
 

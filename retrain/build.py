@@ -1,24 +1,15 @@
 """Turn a backbone (or a trained supernet) into the compact model of a subnet, and merge it back."""
 from __future__ import annotations
 
-from typing import Sequence
 
 import torch
 import torch.nn as nn
 
-from supernet.inject import find_targets, freeze_all_but, head_parameters, replace_module
+from supernet.inject import freeze_all_but, head_parameters, layer_specs, replace_module  # noqa: F401
 from supernet.layer import SuperGloraLinear
-from supernet.space import LayerSpec, SearchSpace, Subnet
+from supernet.space import SearchSpace, Subnet
 
 from .glora import GloraLinear
-
-
-def layer_specs(model: nn.Module, target_modules: Sequence[str]) -> list[LayerSpec]:
-    specs = []
-    for n in find_targets(model, target_modules):
-        lin = model.get_submodule(n)
-        specs.append(LayerSpec(n, lin.in_features, lin.out_features, lin.bias is not None))
-    return specs
 
 
 def apply_subnet(model: nn.Module, subnet: Subnet, space: SearchSpace | None = None) -> nn.Module:

@@ -54,6 +54,16 @@ def find_targets(model: nn.Module, target_modules: Sequence[str] | str) -> list[
     return names
 
 
+def layer_specs(model: nn.Module, target_modules: Sequence[str] | str) -> list["LayerSpec"]:
+    """Shapes (model order) of the linear layers ``target_modules`` matches (see ``find_targets``)."""
+    from .space import LayerSpec
+    specs = []
+    for n in find_targets(model, target_modules):
+        lin = model.get_submodule(n)
+        specs.append(LayerSpec(n, lin.in_features, lin.out_features, lin.bias is not None))
+    return specs
+
+
 def get_submodule_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     parent_name, _, child = name.rpartition(".")
     return (model.get_submodule(parent_name) if parent_name else model), child

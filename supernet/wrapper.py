@@ -6,9 +6,9 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn as nn
 
-from .inject import find_targets, freeze_all_but, head_parameters, replace_module
+from .inject import freeze_all_but, head_parameters, layer_specs, replace_module
 from .layer import SuperGloraLinear
-from .space import LayerSpec, SearchSpace, Subnet
+from .space import SearchSpace, Subnet
 
 
 class GloraSupernet(nn.Module):
@@ -24,11 +24,8 @@ class GloraSupernet(nn.Module):
                  choices_de: Iterable[str] = ("vector", "scalar", "none")):
         super().__init__()
         self.model = model
-        names = find_targets(model, target_modules)
-        specs = []
-        for n in names:
-            lin = model.get_submodule(n)
-            specs.append(LayerSpec(n, lin.in_features, lin.out_features, lin.bias is not None))
+        specs = layer_specs(model, target_modules)
+        names = [sp.name for sp in specs]
         self.space = SearchSpace(specs, ranks=ranks, choices_ab=choices_ab, choices_c=choices_c,
                                  choices_de=choices_de)
         max_rank = self.space.max_rank
