@@ -53,7 +53,9 @@ def offline_checkpoint_path(name: str) -> Path:
     fname, convert, _ = OFFLINE_CHECKPOINTS[name]
     path = cache_dir() / fname
     if not path.is_file():
-        convert(path)
+        import torch
+        with torch.random.fork_rng(devices=[]):  # converting must not change what a seeded run draws next
+            convert(path)
     return path
 
 

@@ -53,6 +53,7 @@ def build_compact_model(cfg: Config, subnet: Subnet, num_classes: int,
         model = build_backbone(cfg, num_classes).to(device)
         space = SearchSpace(layer_specs(model, list(g.target_modules)), ranks=list(g.ranks))
         space.check_subnet(subnet)
+    torch.manual_seed(cfg.seed + 1)  # fresh adapters (init: scratch) start the same whatever loading drew
     apply_subnet(model, subnet)
     counted = space.params(subnet)
     actual = sum(p.numel() for p in adapter_parameters(model))

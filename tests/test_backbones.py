@@ -180,7 +180,11 @@ def test_offline_dinov2_matches_onnxruntime(tmp_path, monkeypatch):
     converted weights, at the graph's input size (224: position table resized 37x37 -> 16x16 like the graph)."""
     from data.dinov2_onnx import onnx_backbone_tokens, onnx_input_size
     monkeypatch.setenv("GLORA_CACHE", str(tmp_path / "cache"))
+    rng_before = torch.get_rng_state()
     path = offline_checkpoint_path("dinov2_vits14")
+    # regression: converting on first use drew from the global RNG, so a seeded run initialised its adapters
+    # differently depending on whether the cache existed
+    assert torch.equal(torch.get_rng_state(), rng_before)
     assert path.parent == tmp_path / "cache" and path.is_file()
     stamp = path.stat().st_mtime_ns
     size = onnx_input_size()
