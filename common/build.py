@@ -63,7 +63,8 @@ def build_supernet(cfg, num_classes: int):
     torch.manual_seed(cfg.seed + 1)  # adapter initialisation, whatever loading the weights drew
     return GloraSupernet(model, target_modules=list(cfg.glora.target_modules), ranks=list(cfg.glora.ranks),
                          choices_ab=list(cfg.glora.choices_ab), choices_c=list(cfg.glora.choices_c),
-                         choices_de=list(cfg.glora.choices_de))
+                         choices_de=list(cfg.glora.choices_de), parametrisation=cfg.glora.parametrisation,
+                         a_lora_scale=cfg.glora.a_lora_scale)
 
 
 def stage_dir(cfg, stage: str) -> Path:

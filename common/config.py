@@ -204,6 +204,23 @@ def validate(cfg: dict) -> None:
     if not d or "/" in d or "\\" in d or d in (".", "..", "supernet", "search"):
         raise UserError(f"config key retrain.dir: {d!r} must be a plain folder name other than supernet, search")
     _one_of("retrain.init", cfg["retrain"]["init"], ["supernet", "scratch"])
+    for b in cfg["retrain"]["baselines"]:
+        _one_of("retrain.baselines entry", b, ["lora", "head"])
+    if len(set(cfg["retrain"]["baselines"])) != len(cfg["retrain"]["baselines"]):
+        raise UserError(f"config key retrain.baselines: an entry appears twice in {cfg['retrain']['baselines']}")
+    grid = []
+    for v in cfg["retrain"]["lr_grid"]:
+        try:
+            f = float(v) if isinstance(v, (int, float, str)) and not isinstance(v, bool) else float("nan")
+        except ValueError:
+            f = float("nan")
+        if not f > 0 or f == float("inf"):
+            raise UserError(f"config key retrain.lr_grid: {v!r} is not a positive learning rate (e.g. [3e-4, 1e-3])")
+        grid.append(f)
+    cfg["retrain"]["lr_grid"] = grid
+    _one_of("glora.parametrisation", cfg["glora"]["parametrisation"], ["paper", "scaled"])
+    if not cfg["glora"]["a_lora_scale"] > 0:
+        raise UserError(f"config key glora.a_lora_scale: must be > 0, got {cfg['glora']['a_lora_scale']}")
     for sec, key in [("supernet", "epochs"), ("retrain", "epochs"), ("search", "generations"),
                      ("search", "population"), ("data", "batch_size"), ("data", "eval_batch_size")]:
         if cfg[sec][key] < 1 and not (key == "epochs" and cfg[sec][key] == 0):

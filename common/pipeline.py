@@ -44,6 +44,24 @@ def run_stages(cfg: Config, stages, progress: bool = True, skip_complete: bool =
     return summary
 
 
+def comparison_rows(summary: dict) -> list[dict]:
+    """GLoRA and each baseline of a finished run: method, adapter params, lr, val200 top-1 of that lr, test top-1
+    and seconds (GLoRA: supernet + search + retrain; a baseline: its lr choice + training)."""
+    r = summary.get("retrain")
+    if not r:
+        return []
+    glora_time = sum(float(summary.get(s, {}).get("time_s", 0.0)) for s in ("supernet", "search"))
+    glora_time += float(r.get("select_time_s", 0.0)) + float(r.get("train_time_s", 0.0))
+    rows = [{"method": "GLoRA (searched)", "adapter_params": r["adapter_params"], "lr": r.get("lr"),
+             "val_acc": (r.get("val_acc_by_lr") or {}).get(repr(r.get("lr"))), "test_acc": r["test_acc"],
+             "time_s": round(glora_time, 1)}]
+    for key, b in (r.get("baselines") or {}).items():
+        rows.append({"method": b.get("label", key), "adapter_params": b["adapter_params"], "lr": b.get("lr"),
+                     "val_acc": (b.get("val_acc_by_lr") or {}).get(repr(b.get("lr"))), "test_acc": b["test_acc"],
+                     "time_s": round(float(b.get("select_time_s", 0.0)) + float(b.get("train_time_s", 0.0)), 1)})
+    return rows
+
+
 def print_summary(cfg: Config, summary: dict) -> None:
     out = Path(cfg.output_dir)
     lines = ["", f"== GLoRA run summary ({out}) =="]
@@ -56,10 +74,18 @@ def print_summary(cfg: Config, summary: dict) -> None:
                      f"  ({out / 'search' / 'subnet.yaml'})")
     r = summary.get("retrain")
     if r:
-        lines.append(f"  GLoRA test top-1: {r['test_acc']:.4f} with {r['adapter_params']:,} adapter params "
-                     f"+ {r['head_params']:,} head params")
-        if r.get("head_only_test_acc") is not None:
-            lines.append(f"  head-only test top-1: {r['head_only_test_acc']:.4f}")
-        lines.append(f"  merged model: {r['merged_file']} (max |merged - unmerged| logit {r['merge_max_abs_diff']:.2e})")
+        rows = comparison_rows(summary)
+        lines.append("")
+        lines.append(f"  {'method':<18} {'adapter params':>14} {'lr':>8} {'val200':>7} {'test top-1':>10} {'time':>9}")
+        for row in rows:
+            lr = f"{row['lr']:.0e}" if row["lr"] is not None else "-"
+            val = f"{row['val_acc']:.4f}" if row["val_acc"] is not None else "-"
+            lines.append(f"  {row['method']:<18} {row['adapter_params']:>14,} {lr:>8} {val:>7} "
+                         f"{row['test_acc']:>10.4f} {row['time_s']:>7.1f} s")
+        if len(rows) > 1:
+            lines.append("  (lr chosen on val200 after training on train800; test scored once, after training on "
+                         "train800val200; GLoRA's time includes supernet and search)")
+        lines.append(f"  + {r['head_params']:,} head params each; merged model: {r['merged_file']} "
+                     f"(max |merged - unmerged| logit {r['merge_max_abs_diff']:.2e})")
     lines.append(f"  files: {out}/{{config.yaml, supernet/, search/, retrain/, summary.json}}")
     print("\n".join(lines))

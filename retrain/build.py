@@ -6,22 +6,25 @@ import torch
 import torch.nn as nn
 
 from supernet.inject import freeze_all_but, head_parameters, layer_specs, replace_module  # noqa: F401
-from supernet.layer import SuperGloraLinear
+from supernet.layer import SuperGloraLinear, support_scales
 from supernet.space import SearchSpace, Subnet
 
 from .glora import GloraLinear
 
 
-def apply_subnet(model: nn.Module, subnet: Subnet, space: SearchSpace | None = None) -> nn.Module:
+def apply_subnet(model: nn.Module, subnet: Subnet, space: SearchSpace | None = None,
+                 parametrisation: str = "paper", a_lora_scale: float = 1.0) -> nn.Module:
     """Replace each layer of ``subnet`` in ``model`` (in place) by a compact GloraLinear; freeze all but the
     adapters and the classifier head. ``model`` may be a plain backbone or the ``.model`` of a supernet, whose
-    SuperGloraLinear layers then pass on their shared weights."""
+    SuperGloraLinear layers then pass on their shared weights (and their scales; ``parametrisation`` and
+    ``a_lora_scale`` apply to fresh layers made from a plain ``nn.Linear``)."""
     for name, choice in zip(subnet.names, subnet.layers):
         layer = model.get_submodule(name)
         if isinstance(layer, SuperGloraLinear):
             new = GloraLinear.from_super(layer, choice)
         elif isinstance(layer, nn.Linear):
-            new = GloraLinear(layer, choice)
+            new = GloraLinear(layer, choice, scales=support_scales(parametrisation, layer.in_features,
+                                                                   layer.out_features, a_lora_scale))
         else:
             raise TypeError(f"{name} is a {type(layer).__name__}, not a linear layer")
         replace_module(model, name, new)

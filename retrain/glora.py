@@ -20,8 +20,9 @@ class GloraLinear(GloraAlgebra, nn.Module):
     or ``scalar`` (1 element). Their total size is the subnet's parameter count for this layer.
     """
 
-    def __init__(self, base_layer: nn.Linear, choice: LayerChoice):
+    def __init__(self, base_layer: nn.Linear, choice: LayerChoice, scales: dict | None = None):
         super().__init__()
+        self.scales = dict(scales or {})
         self.base_layer = base_layer
         base_layer.requires_grad_(False)
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
@@ -49,12 +50,12 @@ class GloraLinear(GloraAlgebra, nn.Module):
     @classmethod
     def from_super(cls, layer: SuperGloraLinear, choice: LayerChoice) -> "GloraLinear":
         """The compact layer of ``choice``, initialised from the super-layer's shared storage."""
-        new = cls(layer.base_layer, choice)
+        new = cls(layer.base_layer, choice, scales=layer.scales)
         prev = layer.choice
         layer.set_choice(choice)
         try:
             with torch.no_grad():
-                for t, sup in layer.supports().items():
+                for t, sup in layer.raw_supports().items():
                     if isinstance(sup, Lora):
                         getattr(new, f"{t}_down").copy_(sup.down)
                         getattr(new, f"{t}_up").copy_(sup.up)
@@ -73,7 +74,7 @@ class GloraLinear(GloraAlgebra, nn.Module):
                 out[t] = Lora(getattr(self, f"{t}_down"), getattr(self, f"{t}_up"))
             else:
                 out[t] = getattr(self, t)
-        return out
+        return self.apply_scales(out, self.choice)
 
     def adapter_parameters(self) -> list[nn.Parameter]:
         return [p for n, p in self.named_parameters(recurse=False)]

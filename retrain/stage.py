@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -16,7 +17,7 @@ from common.errors import UserError
 from common.io import atomic_save_safetensors, atomic_write_json
 from common.trainer import FitSpec, fit
 from supernet.inject import freeze_all_but, head_names, head_parameters
-from supernet.space import SearchSpace, Subnet
+from supernet.space import LayerChoice, SearchSpace, Subnet
 
 from .build import adapter_parameters, apply_subnet, layer_specs, merge_and_unload
 
@@ -54,7 +55,7 @@ def build_compact_model(cfg: Config, subnet: Subnet, num_classes: int,
         space = SearchSpace(layer_specs(model, list(g.target_modules)), ranks=list(g.ranks))
         space.check_subnet(subnet)
     torch.manual_seed(cfg.seed + 1)  # fresh adapters (init: scratch) start the same whatever loading drew
-    apply_subnet(model, subnet)
+    apply_subnet(model, subnet, parametrisation=g.parametrisation, a_lora_scale=g.a_lora_scale)
     counted = space.params(subnet)
     actual = sum(p.numel() for p in adapter_parameters(model))
     if counted != actual:
@@ -79,12 +80,105 @@ def check_merged_keys(merged_sd: dict, reference: nn.Module) -> None:
     reference.load_state_dict(merged_sd, strict=True)
 
 
-def _fit_spec(cfg: Config, desc: str, fingerprint: dict) -> FitSpec:
+def _fit_spec(cfg: Config, desc: str, fingerprint: dict, lr: float | None = None) -> FitSpec:
     r = cfg.retrain
-    return FitSpec(epochs=r.epochs, lr=r.lr, weight_decay=r.weight_decay, warmup_epochs=r.warmup_epochs,
-                   min_lr=r.min_lr, max_steps_per_epoch=r.max_steps_per_epoch, batch_size=cfg.data.batch_size,
-                   seed=cfg.seed, precision=cfg.precision, desc=desc, fingerprint=fingerprint,
-                   head_lr_scale=r.head_lr_scale)
+    return FitSpec(epochs=r.epochs, lr=r.lr if lr is None else lr, weight_decay=r.weight_decay,
+                   warmup_epochs=r.warmup_epochs, min_lr=r.min_lr, max_steps_per_epoch=r.max_steps_per_epoch,
+                   batch_size=cfg.data.batch_size, seed=cfg.seed, precision=cfg.precision, desc=desc,
+                   fingerprint=fingerprint, head_lr_scale=r.head_lr_scale)
+
+
+def lora_baseline(space: SearchSpace, budget: int) -> tuple[Subnet, int]:
+    """The uniform LoRA of the same targets: B = ``lora_<r>``, A, C, D, E ``none``, with the largest r whose
+    parameter count does not exceed ``budget`` (rank 1 when even that is larger). Returns it and r."""
+    rank = 1
+    while space.params(space.uniform(LayerChoice(B=f"lora_{rank + 1}"))) <= budget:
+        rank += 1
+    return space.uniform(LayerChoice(B=f"lora_{rank}")), rank
+
+
+class Method:
+    """One way to fine-tune the backbone on a task: the searched GLoRA subnet or a baseline."""
+
+    def __init__(self, key: str, label: str, subnet: Subnet | None, init: str):
+        self.key, self.label, self.subnet, self.init = key, label, subnet, init
+
+    def fingerprint(self, cfg: Config) -> dict:
+        fp = {"model": cfg.model.to_dict(), "task": [cfg.data.root, cfg.data.task], "method": self.key,
+              "init": self.init, "glora": {k: cfg.glora[k] for k in ("parametrisation", "a_lora_scale")}}
+        if self.subnet is not None:
+            fp.update(subnet=[list(c) for c in self.subnet.layers], names=list(self.subnet.names))
+        return fp
+
+    def build(self, cfg: Config, num_classes: int, device: torch.device) -> nn.Module:
+        if self.subnet is None:  # the classifier head alone
+            torch.manual_seed(cfg.seed)
+            model = build_backbone(cfg, num_classes).to(device)
+            freeze_all_but(model, head_parameters(model))
+            return model
+        if self.init == "supernet":
+            return build_compact_model(cfg, self.subnet, num_classes, device)[0]
+        torch.manual_seed(cfg.seed)
+        model = build_backbone(cfg, num_classes).to(device)
+        torch.manual_seed(cfg.seed + 1)
+        return apply_subnet(model, self.subnet, parametrisation=cfg.glora.parametrisation,
+                            a_lora_scale=cfg.glora.a_lora_scale)
+
+
+def _lr_tag(lr: float) -> str:
+    return f"lr{lr:.3g}"
+
+
+def select_lr(cfg: Config, method: Method, num_classes: int, train800, val200, out: Path,
+              device: torch.device, progress: bool) -> tuple[float, dict[str, float], float]:
+    """The VTAB-1k protocol: train on train800 with each ``retrain.lr_grid`` value, score val200, keep the best
+    (the smaller lr on a tie). Each grid point is resumable and its score is kept in ``val.json``.
+    Returns (chosen lr, {lr: val top-1}, seconds spent)."""
+    grid = [float(v) for v in cfg.retrain.lr_grid]
+    if not grid:
+        return float(cfg.retrain.lr), {}, 0.0
+    t0 = time.time()
+    scores: dict[str, float] = {}
+    for lr in grid:
+        d = out / "select" / f"{method.key}_{_lr_tag(lr)}"
+        done = d / "val.json"
+        fp = dict(method.fingerprint(cfg), split="train800", lr=lr)
+        if done.is_file():
+            rec = json.loads(done.read_text())
+            if rec.get("fingerprint") == json.loads(json.dumps(fp)):
+                scores[repr(lr)] = float(rec["val_acc"])
+                continue
+        model = method.build(cfg, num_classes, device)
+        named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        fit(model, named, train800, _fit_spec(cfg, f"{method.key} {_lr_tag(lr)} (train800)", fp, lr=lr), d,
+            device, progress=progress, head_names=head_names(model))
+        acc = evaluate(model, val200.batches(cfg.data.eval_batch_size), device, cfg.precision)
+        atomic_write_json(done, {"val_acc": acc, "lr": lr, "fingerprint": fp})
+        scores[repr(lr)] = acc
+        _logger.info("%s: lr %.3g -> val200 top-1 %.4f", method.label, lr, acc)
+    best = max(grid, key=lambda v: (scores[repr(v)], -v))
+    return best, scores, time.time() - t0
+
+
+def run_method(cfg: Config, method: Method, num_classes: int, splits: dict, out: Path,
+               device: torch.device, progress: bool) -> tuple[nn.Module, dict]:
+    """Choose the lr on val200 (grid runs under ``<retrain dir>/select/``), then train on train800val200 with it
+    into ``out``. The caller scores test, once."""
+    lr, scores, t_select = select_lr(cfg, method, num_classes, splits.get("train800"), splits.get("val200"),
+                                     stage_dir(cfg, cfg.retrain.dir), device, progress)
+    t0 = time.time()
+    model = method.build(cfg, num_classes, device)
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    fp = dict(method.fingerprint(cfg), lr=lr)
+    if method.key != "glora":
+        fp["split"] = "train800val200"
+    fit(model, named, splits["train800val200"], _fit_spec(cfg, f"{method.key} (train800val200)", fp, lr=lr), out,
+        device, progress=progress, head_names=head_names(model))
+    info = {"lr": lr, "val_acc_by_lr": scores, "select_time_s": round(t_select, 1),
+            "train_time_s": round(time.time() - t0, 1),
+            "adapter_params": sum(p.numel() for p in adapter_parameters(model)),
+            "head_params": sum(p.numel() for p in head_parameters(model))}
+    return model, info
 
 
 def run_retrain(cfg: Config, progress: bool = True) -> dict:
@@ -94,26 +188,34 @@ def run_retrain(cfg: Config, progress: bool = True) -> dict:
     num_classes = prepare_data(cfg)
     spath = subnet_path(cfg)
     subnet = Subnet.from_yaml(spath)
-    model, space = build_compact_model(cfg, subnet, num_classes, device)
+    model, space = build_compact_model(cfg, subnet, num_classes, device)  # checks the subnet against the model
     adapter_params = sum(p.numel() for p in adapter_parameters(model))
-    head_params = sum(p.numel() for p in head_parameters(model))
-
-    train = load_split(cfg, model, "train800val200", progress=progress)
-    test_ds = load_split(cfg, model, "test", in_memory=False)
-    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    fingerprint = {"model": cfg.model.to_dict(), "subnet": [list(c) for c in subnet.layers],
-                   "names": list(subnet.names), "init": cfg.retrain.init, "task": [cfg.data.root, cfg.data.task]}
     if (out / "checkpoint.pt").is_file() and (out / "subnet.yaml").is_file() and \
             Subnet.from_yaml(out / "subnet.yaml") != subnet:
         raise UserError(f"{out} holds the retrain of another subnet; keep it and retrain this one elsewhere "
                         f"with --set retrain.dir=retrain-2 (or delete {out})")
+    methods = [Method("glora", "GLoRA (searched)", subnet, cfg.retrain.init)]
+    lora_rank_used = None
+    for b in cfg.retrain.baselines:
+        if b == "lora":
+            lsub, lora_rank_used = lora_baseline(space, adapter_params)
+            methods.append(Method("lora", f"LoRA r={lora_rank_used}", lsub, "scratch"))
+        elif b == "head":
+            methods.append(Method("head", "head only", None, "scratch"))
+    del model
+
+    splits = {"train800val200": load_split(cfg, model_for_data(cfg, num_classes), "train800val200", progress=progress)}
+    if cfg.retrain.lr_grid:
+        ref = model_for_data(cfg, num_classes)
+        splits["train800"] = load_split(cfg, ref, "train800", progress=progress)
+        splits["val200"] = load_split(cfg, ref, "val200", progress=progress)
+    test_ds = load_split(cfg, model_for_data(cfg, num_classes), "test", in_memory=False)
     subnet.to_yaml(out / "subnet.yaml", space.specs, model=cfg.model.name)
-    fit(model, named, train, _fit_spec(cfg, "retrain", fingerprint), out, device, progress=progress,
-        head_names=head_names(model))
+
+    # GLoRA: lr on val200, train800val200, merge, test once on the merged model
+    model, info = run_method(cfg, methods[0], num_classes, splits, out, device, progress)
     atomic_save_safetensors(out / "adapters.safetensors",
                             {n: p for n, p in model.named_parameters() if p.requires_grad})
-
-    # merge, compare logits on a test batch, check keys against the untouched timm model
     model.eval()
     x = next(iter(stream_batches(cfg, test_ds)))[0].to(device)
     with torch.no_grad():
@@ -132,31 +234,40 @@ def run_retrain(cfg: Config, progress: bool = True) -> dict:
     atomic_save_safetensors(out / MERGED, merged_sd, metadata=meta)
     # the test split is scored once, on the merged model (what a user deploys); the adapted model computes the
     # same logits up to merge_max_abs_diff
+    t0 = time.time()
     test_acc = evaluate(merged, stream_batches(cfg, test_ds), device, cfg.precision,
                         desc="test (merged)" if progress else "")
+    info["test_time_s"] = round(time.time() - t0, 1)
+    del model, merged
 
-    head_only = None
-    if cfg.retrain.head_only_baseline:
-        head_only = head_only_baseline(cfg, num_classes, train, test_ds, device, progress)
+    baselines = {}
+    for m in methods[1:]:
+        bmodel, binfo = run_method(cfg, m, num_classes, splits, out / BASELINE_DIRS[m.key], device, progress)
+        binfo["test_acc"] = evaluate(bmodel, stream_batches(cfg, test_ds), device, cfg.precision,
+                                     desc=f"test ({m.label})" if progress else "")
+        binfo["label"] = m.label
+        if m.key == "lora":
+            binfo["rank"] = lora_rank_used
+        baselines[m.key] = binfo
+        _logger.info("baseline %s: test top-1 %.4f with %d adapter params (lr %.3g)", m.label, binfo["test_acc"],
+                     binfo["adapter_params"], binfo["lr"])
+        del bmodel
+
     metrics = {"test_acc": test_acc, "num_classes": num_classes,
-               "adapter_params": adapter_params, "head_params": head_params, "merge_max_abs_diff": diff,
-               "subnet": str(spath), "init": cfg.retrain.init, "head_only_test_acc": head_only}
+               "adapter_params": adapter_params, "head_params": info["head_params"], "merge_max_abs_diff": diff,
+               "subnet": str(spath), "init": cfg.retrain.init, "lr": info["lr"],
+               "val_acc_by_lr": info["val_acc_by_lr"], "select_time_s": info["select_time_s"],
+               "train_time_s": info["train_time_s"], "baselines": baselines,
+               "head_only_test_acc": baselines.get("head", {}).get("test_acc")}
     atomic_write_json(out / METRICS, metrics)
     _logger.info("retrain: test top-1 %.4f (merged model), %d adapter + %d head params, merge diff %.2e",
-                 test_acc, adapter_params, head_params, diff)
+                 test_acc, adapter_params, info["head_params"], diff)
     return dict(metrics, merged_file=str(out / MERGED))
 
 
-def head_only_baseline(cfg: Config, num_classes: int, train, test_ds, device, progress: bool) -> float:
-    """The same fine-tuning with only the classifier head trained: what GLoRA has to beat."""
-    torch.manual_seed(cfg.seed)
-    model = build_backbone(cfg, num_classes).to(device)
-    head = head_parameters(model)
-    freeze_all_but(model, head)
-    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    out = stage_dir(cfg, cfg.retrain.dir) / "head_only"
-    fit(model, named, train, _fit_spec(cfg, "head only", {"model": cfg.model.to_dict(), "head_only": True}),
-        out, device, progress=progress, head_names=head_names(model))
-    acc = evaluate(model, stream_batches(cfg, test_ds), device, cfg.precision, desc="test (head only)" if progress else "")
-    _logger.info("head-only baseline: test top-1 %.4f", acc)
-    return acc
+BASELINE_DIRS = {"lora": "lora", "head": "head_only"}
+
+
+def model_for_data(cfg: Config, num_classes: int) -> nn.Module:
+    """A model to read the input size and normalisation from (no weights needed)."""
+    return reference_backbone(cfg, num_classes)

@@ -25,10 +25,52 @@ def init_up_(t: torch.Tensor) -> None:
     nn.init.kaiming_uniform_(t, a=math.sqrt(5))
 
 
+PARAMETRISATIONS = ("paper", "scaled")
+
+
+def support_scales(parametrisation: str, in_features: int, out_features: int,
+                   a_lora_scale: float = 1.0) -> dict[tuple[str, str], float]:
+    """Multipliers applied to the stored support tensors, by (tensor, kind of choice).
+
+    ``paper``: none (every tensor is used as stored). ``scaled``: B as ``vector``/``scalar`` is divided by
+    ``d_in``, so it adds ``mean(x) * B`` instead of ``sum(x) * B`` and moves the output as fast as the other
+    choices under one learning rate; a LoRA A is multiplied by ``a_lora_scale``. The function class and the
+    merge are the same: a multiplier is folded into ``W`` and ``b`` like the tensor it scales.
+    """
+    if parametrisation not in PARAMETRISATIONS:
+        raise ValueError(f"unknown parametrisation {parametrisation!r}: valid are {', '.join(PARAMETRISATIONS)}")
+    if parametrisation == "paper":
+        return {}
+    out = {("B", "vector"): 1.0 / in_features, ("B", "scalar"): 1.0 / in_features}
+    if a_lora_scale != 1.0:
+        out[("A", "lora")] = float(a_lora_scale)
+    return out
+
+
+def _scaled(sup: Support, scale: float) -> Support:
+    if sup is None or scale == 1.0:
+        return sup
+    if isinstance(sup, Lora):
+        return Lora(sup.down * scale, sup.up)
+    return sup * scale
+
+
+def _kind(choice: str) -> str:
+    return "lora" if choice.startswith("lora_") else choice
+
+
 class GloraAlgebra:
-    """What a GLoRA layer computes from its ``supports()`` (A-E) and its frozen ``base_layer``."""
+    """What a GLoRA layer computes from its ``supports()`` (A-E) and its frozen ``base_layer``.
+
+    ``scales`` (see :func:`support_scales`) multiplies a stored tensor by a constant per (tensor, kind)."""
 
     base_layer: nn.Linear
+    scales: dict[tuple[str, str], float] = {}
+
+    def apply_scales(self, sup: dict[str, Support], choice) -> dict[str, Support]:
+        if not self.scales:
+            return sup
+        return {t: _scaled(s, self.scales.get((t, _kind(c)), 1.0)) for (t, s), c in zip(sup.items(), choice)}
 
     def supports(self) -> dict[str, Support]:
         raise NotImplementedError
@@ -52,10 +94,12 @@ class SuperGloraLinear(GloraAlgebra, nn.Module):
     Args:
         base_layer: the ``nn.Linear`` to adapt; its weight and bias are frozen.
         max_rank: largest LoRA rank any tensor may take (the shared storage size).
+        scales: constant multipliers of the stored tensors (:func:`support_scales`).
     """
 
-    def __init__(self, base_layer: nn.Linear, max_rank: int = 4):
+    def __init__(self, base_layer: nn.Linear, max_rank: int = 4, scales: dict | None = None):
         super().__init__()
+        self.scales = dict(scales or {})
         if not isinstance(base_layer, nn.Linear):
             raise TypeError(f"SuperGloraLinear adapts nn.Linear, got {type(base_layer).__name__}")
         self.base_layer = base_layer
@@ -155,9 +199,13 @@ class SuperGloraLinear(GloraAlgebra, nn.Module):
         v = getattr(self, tensor)
         return v if c == "vector" else v[:1]
 
-    def supports(self) -> dict[str, Support]:
-        """The active path's A-E as views of the shared storage."""
+    def raw_supports(self) -> dict[str, Support]:
+        """The active path's A-E as stored: views of the shared storage, before ``scales``."""
         return {"A": self._ab("A"), "B": self._ab("B"), "C": self._c(), "D": self._de("D"), "E": self._de("E")}
+
+    def supports(self) -> dict[str, Support]:
+        """The active path's A-E as the algebra uses them (``scales`` applied)."""
+        return self.apply_scales(self.raw_supports(), self.choice)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._merged is not None and not torch.is_grad_enabled() and not self.training:

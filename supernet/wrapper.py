@@ -7,12 +7,15 @@ import torch
 import torch.nn as nn
 
 from .inject import freeze_all_but, head_parameters, layer_specs, replace_module
-from .layer import SuperGloraLinear
+from .layer import SuperGloraLinear, support_scales
 from .space import SearchSpace, Subnet
 
 
 class GloraSupernet(nn.Module):
     """Wraps ``model`` (modified in place): adapters and the classifier head train, the rest is frozen.
+
+    ``parametrisation`` / ``a_lora_scale``: constant multipliers of the stored tensors
+    (:func:`supernet.layer.support_scales`); ``paper`` uses every tensor as stored.
 
     Verbs: ``set_subnet`` fixes a path, ``sample_path(seed, step)`` draws and sets the training path of a step,
     ``adapter_state_dict`` / ``load_adapter_state_dict`` save and restore only what training changes.
@@ -21,7 +24,8 @@ class GloraSupernet(nn.Module):
     def __init__(self, model: nn.Module, target_modules: Sequence[str] | str = ("qkv", "proj", "fc1", "fc2"),
                  ranks: Iterable[int] = (4,), choices_ab: Iterable[str] = ("lora", "vector", "scalar", "none"),
                  choices_c: Iterable[str] = ("lora", "vector", "none"),
-                 choices_de: Iterable[str] = ("vector", "scalar", "none")):
+                 choices_de: Iterable[str] = ("vector", "scalar", "none"), parametrisation: str = "paper",
+                 a_lora_scale: float = 1.0):
         super().__init__()
         self.model = model
         specs = layer_specs(model, target_modules)
@@ -31,7 +35,9 @@ class GloraSupernet(nn.Module):
         max_rank = self.space.max_rank
         self.layer_names: tuple[str, ...] = tuple(names)
         for n in names:
-            replace_module(model, n, SuperGloraLinear(model.get_submodule(n), max_rank=max_rank))
+            lin = model.get_submodule(n)
+            scales = support_scales(parametrisation, lin.in_features, lin.out_features, a_lora_scale)
+            replace_module(model, n, SuperGloraLinear(lin, max_rank=max_rank, scales=scales))
         freeze_all_but(model, list(self.adapter_parameters()) + head_parameters(model))
 
     # ---- structure -----------------------------------------------------------------------------------

@@ -171,3 +171,41 @@ def test_head_never_adapted_and_missing_targets(vit):
         GloraSupernet(vit, target_modules=["nonexistent"])
     sn = GloraSupernet(tiny_vit(), target_modules=[".*"])
     assert "head" not in sn.layer_names
+
+
+@pytest.mark.parametrize("a_scale", [1.0, 8.0])
+def test_scaled_parametrisation_matches_dense_and_merges(a_scale):
+    """``scaled``: B vector/scalar count as stored / d_in, a LoRA A as stored * a_lora_scale; checked against the
+    dense formula with those tensors, against the merged weights, and the compact layer made from it."""
+    from retrain.glora import GloraLinear
+    from supernet.layer import support_scales
+    torch.manual_seed(2)
+    d_in, d_out = 11, 6
+    base = nn.Linear(d_in, d_out)
+    scales = support_scales("scaled", d_in, d_out, a_lora_scale=a_scale)
+    layer = SuperGloraLinear(base, max_rank=4, scales=scales)
+    ref_layer = SuperGloraLinear(base, max_rank=4)  # paper parametrisation: its tensors rescaled by hand
+    randomize_(layer, 3)
+    x = torch.randn(4, d_in)
+    for a, b in itertools.product(AB, AB):
+        choice = LayerChoice(a, b, "vector", "scalar", "vector")
+        layer.set_choice(choice)
+        ref_layer.set_choice(choice)
+        with torch.no_grad():
+            for n, p in layer.named_parameters(recurse=False):
+                getattr(ref_layer, n).copy_(p)
+            if b in ("vector", "scalar"):
+                ref_layer.B_down.mul_(1.0 / d_in)
+            if a.startswith("lora_"):
+                ref_layer.A_down.mul_(a_scale)
+        out = layer(x)
+        torch.testing.assert_close(out.double(), dense_reference(ref_layer, x), atol=1e-5, rtol=1e-5)
+        merged = nn.functional.linear(x, layer.merged_weight(), layer.merged_bias())
+        torch.testing.assert_close(merged, out, atol=1e-5, rtol=1e-5)
+        compact = GloraLinear.from_super(layer, choice)
+        torch.testing.assert_close(compact(x), out, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(compact.merge()(x), out, atol=1e-5, rtol=1e-5)
+    if a_scale == 1.0:
+        layer.set_choice(LayerChoice("none", "vector", "none", "none", "none"))
+        torch.testing.assert_close(layer(x) - base(x), x.sum(-1, keepdim=True) / d_in * layer.B_down[:, 0],
+                                   atol=1e-5, rtol=1e-5)

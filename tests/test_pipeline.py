@@ -67,7 +67,7 @@ def test_rerun_skips_finished_stages(tiny_run, data_root, capsys):
     before = (tiny_run / "retrain" / "metrics.json").stat().st_mtime_ns
     assert run_search.main(tiny_args(tiny_run, data_root)) == 0
     out = capsys.readouterr().out
-    assert out.count("already complete") == 3 and "GLoRA test top-1" in out
+    assert out.count("already complete") == 3 and "GLoRA (searched)" in out
     assert (tiny_run / "retrain" / "metrics.json").stat().st_mtime_ns == before
 
 
@@ -77,7 +77,7 @@ def test_retrain_hand_edited_subnet(tiny_run, data_root, tmp_path):
     data["layers"][1].update({"A": "none", "B": "none", "C": "none", "D": "none", "E": "none"})
     edited = tmp_path / "edited.yaml"
     edited.write_text(yaml.safe_dump(data))
-    args = tiny_args(tiny_run, data_root, "retrain.dir=retrain-edited", "retrain.head_only_baseline=false")
+    args = tiny_args(tiny_run, data_root, "retrain.dir=retrain-edited", "retrain.baselines=[]")
     assert run_search.main(args + ["--stage", "retrain", "--subnet", str(edited)]) == 0
     metrics = json.loads((tiny_run / "retrain-edited" / "metrics.json").read_text())
     subnet = Subnet.from_yaml(edited)
@@ -144,10 +144,62 @@ def test_vtab_config_runs_shrunk(tmp_path, data_root):
               "model.checkpoint=''", "model.pretrained=false", f"model.kwargs={TINY_KW}", "supernet.epochs=1",
               "supernet.max_steps_per_epoch=3", "search.generations=2", "search.population=6", "search.select=3",
               "search.mutation=2", "search.crossover=2", "search.max_eval_batches=1", "search.max_params_m=0.05",
-              "retrain.epochs=1", "retrain.max_steps_per_epoch=3", "retrain.head_only_baseline=false",
+              "retrain.epochs=1", "retrain.max_steps_per_epoch=3", "retrain.baselines=[]",
               "data.batch_size=16", "data.eval_batch_size=100", "data.image_size=32", "data.num_workers=0"]:
         args += ["--set", s]
     assert run_search.main(args) == 0
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     assert cfg["supernet"]["lr"] == 1e-4 and cfg["search"]["mutation_prob"] == 0.2
     assert (out / "retrain" / "model_merged.safetensors").is_file()
+
+
+def test_lora_baseline_takes_the_largest_rank_in_budget():
+    from conftest import tiny_vit
+    from retrain.build import layer_specs
+    from retrain.stage import lora_baseline
+    from supernet.params import tensor_params
+    from supernet.space import SearchSpace
+    specs = layer_specs(tiny_vit(), ["qkv", "proj", "fc1", "fc2"])
+    space = SearchSpace(specs, ranks=[4])
+    per_rank = sum(tensor_params("B", "lora_1", s.in_features, s.out_features) for s in specs)  # r=1 cost
+    for budget, rank in [(per_rank * 3, 3), (per_rank * 3 + per_rank - 1, 3), (per_rank * 4, 4), (10, 1)]:
+        sub, r = lora_baseline(space, budget)
+        assert r == rank
+        assert all(lc.B == f"lora_{rank}" and lc.A == lc.C == lc.D == lc.E == "none" for lc in sub.layers)
+        assert space.params(sub) == rank * per_rank
+
+
+def test_lr_chosen_on_val200_for_glora_and_each_baseline(tmp_path, data_root, tiny_run, capsys):
+    """retrain.lr_grid: every method trains on train800 per lr, keeps the best val200 score, then trains on
+    train800val200; the summary shows GLoRA beside LoRA and head-only."""
+    out = tmp_path / "grid"
+    shutil.copytree(tiny_run / "supernet", out / "supernet")
+    shutil.copytree(tiny_run / "search", out / "search")
+    args = tiny_args(out, data_root, "retrain.lr_grid=[1e-4, 3e-2]", "retrain.baselines=[lora, head]")
+    assert run_search.main(args + ["--stage", "retrain"]) == 0
+    printed = capsys.readouterr().out
+    m = json.loads((out / "retrain" / "metrics.json").read_text())
+    assert set(m["baselines"]) == {"lora", "head"}
+    for info in [m] + list(m["baselines"].values()):
+        scores = info["val_acc_by_lr"]
+        assert set(scores) == {"0.0001", "0.03"}
+        best = max(scores.values())
+        assert scores[repr(info["lr"])] == best
+        if scores["0.0001"] == scores["0.03"]:
+            assert info["lr"] == 1e-4  # the smaller lr on a tie
+    for key in ("glora", "lora", "head"):
+        for lr in ("0.0001", "0.03"):
+            rec = json.loads((out / "retrain" / "select" / f"{key}_lr{float(lr):.3g}" / "val.json").read_text())
+            assert rec["fingerprint"]["split"] == "train800"
+    lora = m["baselines"]["lora"]
+    assert lora["adapter_params"] <= m["adapter_params"] or lora["rank"] == 1
+    assert m["baselines"]["head"]["adapter_params"] == 0
+    assert m["head_only_test_acc"] == m["baselines"]["head"]["test_acc"]
+    for label in ("GLoRA (searched)", f"LoRA r={lora['rank']}", "head only"):
+        assert label in printed
+    # a rerun reuses every grid point (nothing retrained): metrics unchanged
+    before = (out / "retrain" / "metrics.json").read_text()
+    shutil.rmtree(out / "retrain" / "lora")
+    (out / "retrain" / "metrics.json").unlink()
+    assert run_search.main(args + ["--stage", "retrain"]) == 0
+    assert json.loads((out / "retrain" / "metrics.json").read_text())["test_acc"] == json.loads(before)["test_acc"]
