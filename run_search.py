@@ -5,6 +5,7 @@
     python run_search.py --config vtab --set data.task=cifar --stage supernet
     python run_search.py prepare --task dsprites_loc --root datasets/vtab-1k
     python run_search.py inspect runs/demo
+    python run_search.py suite --config demo --tasks mnist,dsprites_loc   # one folder per task + suite.md
 """
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ def setup_logging(output_dir: Path | None = None) -> None:
 
 def run_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="run_search.py", description="GLoRA supernet, search and retrain on timm.",
-                                epilog="other commands: 'run_search.py prepare -h', 'run_search.py inspect -h'")
+                                epilog="other commands: 'run_search.py suite -h', 'run_search.py prepare -h', "
+                                       "'run_search.py inspect -h'")
     p.add_argument("-c", "--config", default=None, help="task config: a yaml path or a name under configs/")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value (repeatable); the value is read as YAML")
@@ -63,6 +65,25 @@ def cmd_run(argv: list[str]) -> int:
     return 0
 
 
+def cmd_suite(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="run_search.py suite",
+                                description="run every stage on several tasks, each into <output_dir>/<task>/, "
+                                            "and write suite.md and suite.csv (GLoRA beside each baseline)")
+    p.add_argument("-c", "--config", default=None, help="config: a yaml path or a name under configs/")
+    p.add_argument("--tasks", required=True, help="task folders under data.root, separated by commas")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value for every task (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    args = p.parse_args(argv)
+    from common.suite import parse_tasks, run_suite, task_configs
+    tasks = parse_tasks(args.tasks)
+    root, _ = task_configs(args.config, args.overrides, tasks)  # every task's config checked before any runs
+    setup_logging(root)
+    run_suite(args.config, args.overrides, tasks, progress=not args.no_progress)
+    print(f"\n{(root / 'suite.md').read_text()}\nwrote {root / 'suite.md'} and {root / 'suite.csv'}")
+    return 0
+
+
 def cmd_prepare(argv: list[str]) -> int:
     from data.offline import OFFLINE_TASKS, prepare_task
     p = argparse.ArgumentParser(prog="run_search.py prepare", description="write an offline task in VTAB-1k layout")
@@ -91,7 +112,7 @@ def cmd_inspect(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"prepare": cmd_prepare, "inspect": cmd_inspect, "run": cmd_run}
+    commands = {"prepare": cmd_prepare, "inspect": cmd_inspect, "run": cmd_run, "suite": cmd_suite}
     try:
         if argv and argv[0] in commands:
             return commands[argv[0]](argv[1:])

@@ -203,3 +203,32 @@ def test_lr_chosen_on_val200_for_glora_and_each_baseline(tmp_path, data_root, ti
     (out / "retrain" / "metrics.json").unlink()
     assert run_search.main(args + ["--stage", "retrain"]) == 0
     assert json.loads((out / "retrain" / "metrics.json").read_text())["test_acc"] == json.loads(before)["test_acc"]
+
+
+def test_suite_runs_each_task_and_writes_the_table(tmp_path, data_root, capsys):
+    import csv
+    out = tmp_path / "suite"
+    prep = ["prepare", "--task", "dsprites_ori", "--root", str(data_root)]
+    if not (data_root / "dsprites_ori").exists():
+        assert run_search.main(prep) == 0
+    args = ["suite", "--config", "tiny", "--no-progress", "--tasks", "dsprites_loc,dsprites_ori"]
+    for s in [f"output_dir={out}", f"data.root={data_root}", "supernet.epochs=1", "supernet.max_steps_per_epoch=2",
+              "retrain.epochs=1", "retrain.max_steps_per_epoch=2", "search.generations=1",
+              "search.max_eval_batches=1", "data.eval_batch_size=100", "retrain.baselines=[lora]"]:
+        args += ["--set", s]
+    assert run_search.main(args) == 0
+    rows = list(csv.DictReader((out / "suite.csv").open()))
+    assert [r["task"] for r in rows] == ["dsprites_loc", "dsprites_ori"]
+    for r in rows:
+        m = json.loads((out / r["task"] / "retrain" / "metrics.json").read_text())
+        assert float(r["glora_test"]) == m["test_acc"]
+        assert float(r["lora_test"]) == m["baselines"]["lora"]["test_acc"]
+        assert r["group"] == "Structured"
+    md = (out / "suite.md").read_text()
+    mean = (float(rows[0]["glora_test"]) + float(rows[1]["glora_test"])) / 2
+    assert f"| **mean** (2) | {100 * mean:.1f} |" in md and "**Structured** (2)" in md
+    # a rerun skips every finished stage of every task
+    capsys.readouterr()
+    assert run_search.main(args) == 0
+    assert capsys.readouterr().out.count("already complete") == 6
+    assert run_search.main(["suite", "--tasks", " , "]) == 2

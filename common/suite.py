@@ -1,0 +1,141 @@
+"""Several tasks with one config: each into ``<output_dir>/<task>/`` (resumable), then ``suite.md`` and ``suite.csv``
+with GLoRA beside each baseline per task, the mean, and for VTAB-1k tasks the paper's group means."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from pathlib import Path
+
+from .config import load_config
+from .errors import UserError
+from .io import atomic_write_text
+
+_logger = logging.getLogger("glora")
+
+VTAB_GROUPS = {
+    "Natural": ["cifar", "caltech101", "dtd", "oxford_flowers102", "oxford_iiit_pet", "svhn", "sun397"],
+    "Specialized": ["patch_camelyon", "eurosat", "resisc45", "diabetic_retinopathy"],
+    "Structured": ["clevr_count", "clevr_dist", "dmlab", "kitti", "dsprites_loc", "dsprites_ori", "smallnorb_azi",
+                   "smallnorb_ele"],
+}
+STAGE_NAMES = ("supernet", "search", "retrain")
+
+
+def parse_tasks(text: str) -> list[str]:
+    tasks = [t.strip() for t in str(text).split(",") if t.strip()]
+    if not tasks:
+        raise UserError(f"--tasks {text!r}: give task folder names separated by commas (e.g. mnist,dsprites_loc)")
+    if len(set(tasks)) != len(tasks):
+        raise UserError(f"--tasks {text!r}: a task appears twice")
+    for t in tasks:
+        if "/" in t or "\\" in t or t in (".", ".."):
+            raise UserError(f"--tasks: {t!r} is not a task folder name")
+    return tasks
+
+
+def task_configs(config: str | None, overrides: list[str], tasks: list[str]):
+    """The resolved config of each task (checked before anything runs) and the suite's folder."""
+    base = load_config(config, overrides)
+    root = Path(base.output_dir)
+    cfgs = [load_config(config, list(overrides) + [f"data.task={t}", f"output_dir={root / t}"]) for t in tasks]
+    return root, cfgs
+
+
+def run_suite(config: str | None, overrides: list[str], tasks: list[str], progress: bool = True) -> list[dict]:
+    from .pipeline import run_stages
+    root, cfgs = task_configs(config, overrides, tasks)
+    rows = []
+    for i, cfg in enumerate(cfgs):
+        _logger.info("suite: task %s (%d/%d) into %s", cfg.data.task, i + 1, len(cfgs), cfg.output_dir)
+        from .config import dump_config
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, Path(cfg.output_dir) / "config.yaml")
+        summary = run_stages(cfg, STAGE_NAMES, progress=progress, skip_complete=True)
+        rows.append(task_row(cfg.data.task, summary))
+        write_tables(root, rows)  # after every task, so a long suite stopped early keeps its table
+    return rows
+
+
+def task_row(task: str, summary: dict) -> dict:
+    from .pipeline import comparison_rows
+    r = summary.get("retrain", {})
+    row = {"task": task, "group": next((g for g, ts in VTAB_GROUPS.items() if task in ts), ""),
+           "glora_test": r.get("test_acc"), "glora_params": r.get("adapter_params"), "glora_lr": r.get("lr")}
+    for key, b in (r.get("baselines") or {}).items():
+        row[f"{key}_test"] = b.get("test_acc")
+        row[f"{key}_params"] = b.get("adapter_params")
+        row[f"{key}_lr"] = b.get("lr")
+        if key == "lora":
+            row["lora_rank"] = b.get("rank")
+    for st in STAGE_NAMES:
+        row[f"{st}_s"] = summary.get(st, {}).get("time_s")
+    for c in comparison_rows(summary)[1:]:
+        if c["method"].startswith("LoRA"):
+            row["lora_s"] = c["time_s"]
+    return row
+
+
+def _mean(values) -> float | None:
+    vals = [float(v) for v in values if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * float(v):.1f}"
+
+
+def write_tables(root: Path, rows: list[dict]) -> None:
+    cols = []
+    for r in rows:
+        cols.extend(k for k in r if k not in cols)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in cols})
+    atomic_write_text(root / "suite.csv", buf.getvalue())
+
+    methods = [("GLoRA", "glora")] + [(lbl, k) for lbl, k in (("LoRA", "lora"), ("head only", "head"))
+                                      if any(f"{k}_test" in r for r in rows)]
+    head = "| task | " + " | ".join(f"{m} test top-1 | {m} params" for m, _ in methods) + \
+        " | supernet s | search s | retrain s | LoRA s |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        cells = [r["task"]]
+        for m, k in methods:
+            p = r.get(f"{k}_params")
+            lbl = f"{p:,}" if p is not None else "-"
+            if k == "lora" and r.get("lora_rank"):
+                lbl += f" (r={r['lora_rank']})"
+            cells += [_pct(r.get(f"{k}_test")), lbl]
+        cells += [("-" if r.get(f"{s}_s") is None else f"{r[f'{s}_s']:.0f}") for s in STAGE_NAMES]
+        cells.append("-" if r.get("lora_s") is None else f"{r['lora_s']:.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    groups = [("mean", rows)] + [(g, [r for r in rows if r["group"] == g]) for g in VTAB_GROUPS]
+    for name, rs in groups:
+        if not rs or (name != "mean" and len(rs) == len(rows) and len(rows) == 1):
+            continue
+        cells = [f"**{name}** ({len(rs)})"]
+        for _, k in methods:
+            cells += [_pct(_mean(r.get(f"{k}_test") for r in rs)), "-"]
+        cells += ["-"] * 4
+        lines.append("| " + " | ".join(cells) + " |")
+    wins = [r for r in rows if r.get("lora_test") is not None and r.get("glora_test") is not None]
+    note = ""
+    if wins:
+        diff = _mean(r["glora_test"] - r["lora_test"] for r in wins)
+        note = (f"\nGLoRA minus LoRA, mean over {len(wins)} tasks: {100 * diff:+.2f} points; "
+                f"GLoRA at least level on {sum(r['glora_test'] >= r['lora_test'] for r in wins)} of {len(wins)}.\n")
+    atomic_write_text(root / "suite.md", "\n".join(lines) + "\n" + note)
+
+
+def read_rows(root: Path, tasks: list[str]) -> list[dict]:
+    rows = []
+    for t in tasks:
+        p = root / t / "summary.json"
+        if p.is_file():
+            rows.append(task_row(t, json.loads(p.read_text())))
+    return rows
+
