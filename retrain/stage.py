@@ -198,7 +198,11 @@ def run_retrain(cfg: Config, progress: bool = True) -> dict:
     lora_rank_used = None
     for b in cfg.retrain.baselines:
         if b == "lora":
-            lsub, lora_rank_used = lora_baseline(space, adapter_params)
+            if cfg.retrain.lora_rank:
+                lora_rank_used = int(cfg.retrain.lora_rank)
+                lsub = space.uniform(LayerChoice(B=f"lora_{lora_rank_used}"))
+            else:
+                lsub, lora_rank_used = lora_baseline(space, adapter_params)
             methods.append(Method("lora", f"LoRA r={lora_rank_used}", lsub, "scratch"))
         elif b == "head":
             methods.append(Method("head", "head only", None, "scratch"))
