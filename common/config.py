@@ -221,6 +221,7 @@ def validate(cfg: dict) -> None:
             raise UserError(f"config key retrain.lr_grid: {v!r} is not a positive learning rate (e.g. [3e-4, 1e-3])")
         grid.append(f)
     cfg["retrain"]["lr_grid"] = grid
+    _one_of("supernet.path_sampling", cfg["supernet"]["path_sampling"], ["uniform", "budget"])
     _one_of("glora.parametrisation", cfg["glora"]["parametrisation"], ["paper", "scaled"])
     if not cfg["glora"]["a_lora_scale"] > 0:
         raise UserError(f"config key glora.a_lora_scale: must be > 0, got {cfg['glora']['a_lora_scale']}")

@@ -1,6 +1,8 @@
 """One-shot supernet training: a fresh random path at every step, resumable at epoch boundaries.
 
-The path of step ``s`` is drawn from ``(seed, s)`` alone (``SearchSpace.path``), so data-parallel ranks agree
+The path of step ``s`` is drawn from ``(seed, s)`` alone (``SearchSpace.path``; with
+``supernet.path_sampling: budget`` a path inside the search budget, drawn as the search draws its random
+candidates, so training concentrates on the subnets the search will score), so data-parallel ranks agree
 without communication, and a resumed run draws the same paths as an uninterrupted one (see
 ``common.trainer.fit`` for the rest of the resume guarantee).
 
@@ -12,6 +14,8 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+
+import numpy as np
 
 from common.build import build_supernet, load_split, prepare_data, stage_dir
 from common.config import Config
@@ -60,7 +64,20 @@ def train_supernet(cfg: Config, progress: bool = True) -> dict:
                                 "space": {t: list(o) for t, o in sn.space.tensor_options.items()},
                                 "task": [cfg.data.root, cfg.data.task], "num_classes": num_classes})
     named = {n: p for n, p in sn.model.named_parameters() if p.requires_grad}
-    log = fit(sn, named, train, spec, out, device, before_step=lambda step: sn.sample_path(cfg.seed, step),
+    if s.path_sampling == "budget":
+        spec.fingerprint["path_sampling"] = "budget"
+        lo, hi = int(round(cfg.search.min_params_m * 1e6)), int(round(cfg.search.max_params_m * 1e6))
+        from search.operators import check_budget, sample_in_budget
+        check_budget(sn.space, lo, hi)
+
+        def set_path(step: int) -> None:
+            rng = np.random.default_rng([int(cfg.seed), int(step)])
+            sub = sample_in_budget(sn.space, rng, lo, hi)
+            sn.set_subnet(sub if sub is not None else sn.space.path(cfg.seed, step))
+    else:
+        def set_path(step: int) -> None:
+            sn.sample_path(cfg.seed, step)
+    log = fit(sn, named, train, spec, out, device, before_step=set_path,
               after_epoch=probe, progress=progress, head_names=head_names(sn.model))
     atomic_save_safetensors(out / ADAPTERS, sn.trainable_state_dict(),
                             metadata={"epochs": str(s.epochs), "num_classes": str(num_classes)})

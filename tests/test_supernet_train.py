@@ -96,3 +96,23 @@ def test_bf16_training_runs(tmp_path, data_root):
     assert out["epochs"] == 1
     saved = load_file(tmp_path / "bf" / "supernet" / "adapters.safetensors")
     assert all(torch.isfinite(v).all() for v in saved.values())
+
+
+@pytest.mark.parametrize("sampling", ["uniform", "budget"])
+def test_path_sampling_budget_keeps_training_paths_in_budget(tmp_path, data_root, monkeypatch, sampling):
+    from supernet.wrapper import GloraSupernet
+    seen = []
+    orig = GloraSupernet.set_subnet
+
+    def record(self, subnet, freeze=False):
+        if self.training:
+            seen.append(self.space.params(subnet))
+        return orig(self, subnet, freeze)
+    monkeypatch.setattr(GloraSupernet, "set_subnet", record)
+    lo, hi = 6000, 9000
+    cfg = tiny_cfg(tmp_path / "run", data_root, f"supernet.path_sampling={sampling}", "supernet.epochs=1",
+                   "supernet.probe_paths=0", f"search.min_params_m={lo / 1e6}", f"search.max_params_m={hi / 1e6}")
+    train_supernet(cfg, progress=False)
+    assert len(seen) == 5 and len(set(seen)) > 1
+    inside = [lo <= p <= hi for p in seen]
+    assert all(inside) if sampling == "budget" else not all(inside)
