@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from common.build import build_backbone, load_split, prepare_data, stage_dir, stream_batches
 from common.config import Config
-from common.engine import evaluate, resolve_device, set_threads
+from common.engine import InMemorySplit, autocast, evaluate, resolve_device, set_threads
 from common.errors import UserError
 from common.io import atomic_save_safetensors, atomic_write_json
 from common.trainer import FitSpec, fit
@@ -125,6 +125,39 @@ class Method:
                             a_lora_scale=cfg.glora.a_lora_scale)
 
 
+def _has_feature_head(model: nn.Module) -> bool:
+    return (callable(getattr(model, "forward_features", None)) and callable(getattr(model, "forward_head", None))
+            and callable(getattr(model, "get_classifier", None)) and isinstance(model.get_classifier(), nn.Linear))
+
+
+@torch.no_grad()
+def head_features(model: nn.Module, split: InMemorySplit, device: torch.device, precision: str,
+                  batch_size: int) -> InMemorySplit:
+    """The frozen backbone's pre-logits features of a split (same order and labels), computed once."""
+    model.eval()
+    feats = []
+    for x, _ in split.batches(batch_size):
+        with autocast(device, precision):
+            f = model.forward_head(model.forward_features(x.to(device)), pre_logits=True)
+        feats.append(f.float().cpu())
+    return InMemorySplit(torch.cat(feats), split.labels)
+
+
+def trainable_view(cfg: Config, method: "Method", model: nn.Module, splits: list, device: torch.device,
+                   cache: dict) -> tuple[nn.Module, list]:
+    """What ``fit`` trains and on which data. The head-only baseline trains the classifier on features the
+    frozen backbone computes once per split (the same function and gradients as running the whole model every
+    step, for a backbone without active dropout); everything else trains the whole model on the images."""
+    if method.subnet is not None or not _has_feature_head(model):
+        return model, splits
+    out = []
+    for sp in splits:
+        if id(sp) not in cache:
+            cache[id(sp)] = head_features(model, sp, device, cfg.precision, cfg.data.eval_batch_size)
+        out.append(cache[id(sp)])
+    return model.get_classifier(), out
+
+
 def _lr_tag(lr: float) -> str:
     return f"lr{lr:.3g}"
 
@@ -139,6 +172,7 @@ def select_lr(cfg: Config, method: Method, num_classes: int, train800, val200, o
         return float(cfg.retrain.lr), {}, 0.0
     t0 = time.time()
     scores: dict[str, float] = {}
+    feats: dict = {}
     for lr in grid:
         d = out / "select" / f"{method.key}_{_lr_tag(lr)}"
         done = d / "val.json"
@@ -149,10 +183,11 @@ def select_lr(cfg: Config, method: Method, num_classes: int, train800, val200, o
                 scores[repr(lr)] = float(rec["val_acc"])
                 continue
         model = method.build(cfg, num_classes, device)
+        net, (tr, va) = trainable_view(cfg, method, model, [train800, val200], device, feats)
         named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        fit(model, named, train800, _fit_spec(cfg, f"{method.key} {_lr_tag(lr)} (train800)", fp, lr=lr), d,
+        fit(net, named, tr, _fit_spec(cfg, f"{method.key} {_lr_tag(lr)} (train800)", fp, lr=lr), d,
             device, progress=progress, head_names=head_names(model))
-        acc = evaluate(model, val200.batches(cfg.data.eval_batch_size), device, cfg.precision)
+        acc = evaluate(net, va.batches(cfg.data.eval_batch_size), device, cfg.precision)
         atomic_write_json(done, {"val_acc": acc, "lr": lr, "fingerprint": fp})
         scores[repr(lr)] = acc
         _logger.info("%s: lr %.3g -> val200 top-1 %.4f", method.label, lr, acc)
@@ -168,11 +203,12 @@ def run_method(cfg: Config, method: Method, num_classes: int, splits: dict, out:
                                      stage_dir(cfg, cfg.retrain.dir), device, progress)
     t0 = time.time()
     model = method.build(cfg, num_classes, device)
+    net, (train,) = trainable_view(cfg, method, model, [splits["train800val200"]], device, {})
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     fp = dict(method.fingerprint(cfg), lr=lr)
     if method.key != "glora":
         fp["split"] = "train800val200"
-    fit(model, named, splits["train800val200"], _fit_spec(cfg, f"{method.key} (train800val200)", fp, lr=lr), out,
+    fit(net, named, train, _fit_spec(cfg, f"{method.key} (train800val200)", fp, lr=lr), out,
         device, progress=progress, head_names=head_names(model))
     info = {"lr": lr, "val_acc_by_lr": scores, "select_time_s": round(t_select, 1),
             "train_time_s": round(time.time() - t0, 1),

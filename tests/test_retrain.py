@@ -97,3 +97,35 @@ def test_uniform_largest_choice():
     qkv = sub.choice("blocks.0.attn.qkv")
     assert qkv.C == qkv.D == qkv.E == "none" and qkv.A == "lora_4"
     assert sub.choice("blocks.0.mlp.fc1").E == "vector"
+
+
+def test_head_only_on_cached_features_equals_training_the_whole_model(tmp_path):
+    """The head-only baseline trains on features computed once; it must reach the weights that training the
+    head inside the whole (frozen) model reaches, step for step."""
+    from common.config import load_config
+    from common.engine import InMemorySplit
+    from common.trainer import FitSpec, fit
+    from retrain.stage import Method, trainable_view
+    from supernet.inject import freeze_all_but, head_names, head_parameters
+    torch.manual_seed(0)
+    data = InMemorySplit(torch.randn(40, 3, 32, 32), torch.randint(0, 5, (40,)))
+    cfg = load_config("tiny", ["data.eval_batch_size=16"])
+    spec = FitSpec(epochs=2, lr=1e-2, weight_decay=1e-4, warmup_epochs=0.5, batch_size=8, seed=3, head_lr_scale=2.0)
+    heads = []
+    for use_features in (False, True):
+        torch.manual_seed(0)
+        model = tiny_vit()
+        freeze_all_but(model, head_parameters(model))
+        net, (train,) = (trainable_view(cfg, Method("head", "head only", None, "scratch"), model, [data],
+                                        torch.device("cpu"), {}) if use_features else (model, [data]))
+        assert (net is model) != use_features
+        named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        fit(net, named, train, spec, tmp_path / str(use_features), torch.device("cpu"), progress=False,
+            head_names=head_names(model))
+        heads.append({k: v.detach().clone() for k, v in named.items()})
+    assert set(heads[0]) == {"head.weight", "head.bias"}
+    for k in heads[0]:
+        torch.testing.assert_close(heads[0][k], heads[1][k], atol=1e-5, rtol=1e-4)
+    torch.manual_seed(0)
+    fresh = tiny_vit()
+    assert (fresh.head.weight - heads[0]["head.weight"]).abs().max() > 1e-3  # training moved the head
