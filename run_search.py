@@ -84,6 +84,35 @@ def cmd_suite(argv: list[str]) -> int:
     return 0
 
 
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"--{what} {text!r}: expected integers separated by commas (e.g. 1,2,4,8,16)") from None
+    if not vals or any(v < 0 for v in vals):
+        raise UserError(f"--{what} {text!r}: expected non-negative integers separated by commas")
+    return vals
+
+
+def cmd_fewshot(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="run_search.py fewshot",
+                                description="turn NOAH's few-shot lists (train_meta.list.num_shot_K.seed_S, "
+                                            "val_meta.list, test_meta.list) into VTAB-1k-layout task folders")
+    p.add_argument("--src", required=True, help="folder holding the lists (or an annotations/ folder with them)")
+    p.add_argument("--root", default="datasets/few-shot", help="data.root to write <name>_shot<K>_seed<S>/ into")
+    p.add_argument("--name", default="", help="task name prefix (default: the --src folder name)")
+    p.add_argument("--images", default=None, help="folder the list paths are relative to (default: --src)")
+    p.add_argument("--shots", default="1,2,4,8,16")
+    p.add_argument("--seeds", default="0,1,2")
+    args = p.parse_args(argv)
+    from data.fewshot import convert_fewshot
+    tasks = convert_fewshot(args.src, args.root, args.name, _int_list(args.shots, "shots"),
+                            _int_list(args.seeds, "seeds"), args.images)
+    print(f"wrote {len(tasks)} task folders under {args.root}; run them with\n"
+          f"  python run_search.py suite --config CONFIG --set data.root={args.root} --tasks {','.join(tasks)}")
+    return 0
+
+
 def cmd_prepare(argv: list[str]) -> int:
     from data.offline import OFFLINE_TASKS, prepare_task
     p = argparse.ArgumentParser(prog="run_search.py prepare", description="write an offline task in VTAB-1k layout")
@@ -112,7 +141,8 @@ def cmd_inspect(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"prepare": cmd_prepare, "inspect": cmd_inspect, "run": cmd_run, "suite": cmd_suite}
+    commands = {"prepare": cmd_prepare, "inspect": cmd_inspect, "run": cmd_run, "suite": cmd_suite,
+                "fewshot": cmd_fewshot}
     try:
         if argv and argv[0] in commands:
             return commands[argv[0]](argv[1:])

@@ -122,6 +122,7 @@ def write_tables(root: Path, rows: list[dict]) -> None:
             cells += [_pct(_mean(r.get(f"{k}_test") for r in rs)), "-"]
         cells += ["-"] * 4
         lines.append("| " + " | ".join(cells) + " |")
+    lines += fewshot_lines(rows, methods)
     wins = [r for r in rows if r.get("lora_test") is not None and r.get("glora_test") is not None]
     note = ""
     if wins:
@@ -129,6 +130,35 @@ def write_tables(root: Path, rows: list[dict]) -> None:
         note = (f"\nGLoRA minus LoRA, mean over {len(wins)} tasks: {100 * diff:+.2f} points; "
                 f"GLoRA at least level on {sum(r['glora_test'] >= r['lora_test'] for r in wins)} of {len(wins)}.\n")
     atomic_write_text(root / "suite.md", "\n".join(lines) + "\n" + note)
+
+
+def _mean_std(values) -> str:
+    vals = [100 * float(v) for v in values if v is not None]
+    if not vals:
+        return "-"
+    m = sum(vals) / len(vals)
+    if len(vals) == 1:
+        return f"{m:.1f}"
+    sd = (sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5
+    return f"{m:.1f} ± {sd:.1f}"
+
+
+def fewshot_lines(rows: list[dict], methods: list[tuple[str, str]]) -> list[str]:
+    """Few-shot tasks (``<name>_shot<K>_seed<S>``): test top-1 per (name, K) as mean ± sample std over seeds."""
+    from data.fewshot import FEWSHOT_TASK
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for r in rows:
+        m = FEWSHOT_TASK.match(r["task"])
+        if m:
+            groups.setdefault((m["name"], int(m["shot"])), []).append(r)
+    if not groups:
+        return []
+    out = ["", "| few-shot task | shots | seeds | " + " | ".join(f"{m} test top-1" for m, _ in methods) + " |",
+           "|---|---|---|" + "---|" * len(methods)]
+    for (name, shot), rs in sorted(groups.items()):
+        out.append(f"| {name} | {shot} | {len(rs)} | "
+                   + " | ".join(_mean_std(r.get(f"{k}_test") for r in rs) for _, k in methods) + " |")
+    return out
 
 
 def read_rows(root: Path, tasks: list[str]) -> list[dict]:
