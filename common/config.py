@@ -208,6 +208,8 @@ def validate(cfg: dict) -> None:
         _one_of("retrain.baselines entry", b, ["lora", "head"])
     if len(set(cfg["retrain"]["baselines"])) != len(cfg["retrain"]["baselines"]):
         raise UserError(f"config key retrain.baselines: an entry appears twice in {cfg['retrain']['baselines']}")
+    if cfg["retrain"]["top_k"] < 1:
+        raise UserError(f"config key retrain.top_k: must be >= 1, got {cfg['retrain']['top_k']}")
     if cfg["retrain"]["lora_rank"] < 0:
         raise UserError(f"config key retrain.lora_rank: must be >= 0 (0 = the largest rank within the searched "
                         f"subnet's params), got {cfg['retrain']['lora_rank']}")

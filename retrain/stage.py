@@ -97,6 +97,18 @@ def lora_baseline(space: SearchSpace, budget: int) -> tuple[Subnet, int]:
     return space.uniform(LayerChoice(B=f"lora_{rank}")), rank
 
 
+def topk_subnets(cfg: Config, k: int) -> list[Subnet]:
+    """The best ``k`` subnets of the search (``search/topk.yaml``), best first."""
+    path = Path(cfg.output_dir) / "search" / "topk.yaml"
+    if not path.is_file():
+        raise UserError(f"retrain.top_k={k} needs {path}; run the search first")
+    import yaml
+    data = yaml.safe_load(path.read_text())
+    names = data["names"]
+    return [Subnet.from_dict({"layers": [dict(zip("ABCDE", lc), name=n) for n, lc in zip(names, e["layers"])]},
+                             source=str(path)) for e in data["topk"][:k]]
+
+
 class Method:
     """One way to fine-tune the backbone on a task: the searched GLoRA subnet or a baseline."""
 
@@ -163,11 +175,12 @@ def _lr_tag(lr: float) -> str:
 
 
 def select_lr(cfg: Config, method: Method, num_classes: int, train800, val200, out: Path,
-              device: torch.device, progress: bool) -> tuple[float, dict[str, float], float]:
+              device: torch.device, progress: bool, always: bool = False) -> tuple[float, dict[str, float], float]:
     """The VTAB-1k protocol: train on train800 with each ``retrain.lr_grid`` value, score val200, keep the best
     (the smaller lr on a tie). Each grid point is resumable and its score is kept in ``val.json``.
-    Returns (chosen lr, {lr: val top-1}, seconds spent)."""
-    grid = [float(v) for v in cfg.retrain.lr_grid]
+    Returns (chosen lr, {lr: val top-1}, seconds spent). ``always``: score ``retrain.lr`` on val200 even
+    without a grid."""
+    grid = [float(v) for v in cfg.retrain.lr_grid] or ([float(cfg.retrain.lr)] if always else [])
     if not grid:
         return float(cfg.retrain.lr), {}, 0.0
     t0 = time.time()
@@ -206,7 +219,7 @@ def run_method(cfg: Config, method: Method, num_classes: int, splits: dict, out:
     net, (train,) = trainable_view(cfg, method, model, [splits["train800val200"]], device, {})
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     fp = dict(method.fingerprint(cfg), lr=lr)
-    if method.key != "glora":
+    if not method.key.startswith("glora"):
         fp["split"] = "train800val200"
     fit(net, named, train, _fit_spec(cfg, f"{method.key} (train800val200)", fp, lr=lr), out,
         device, progress=progress, head_names=head_names(model))
@@ -225,12 +238,36 @@ def run_retrain(cfg: Config, progress: bool = True) -> dict:
     spath = subnet_path(cfg)
     subnet = Subnet.from_yaml(spath)
     model, space = build_compact_model(cfg, subnet, num_classes, device)  # checks the subnet against the model
-    adapter_params = sum(p.numel() for p in adapter_parameters(model))
+    del model
+    candidates = [subnet]
+    if cfg.retrain.top_k > 1 and not cfg.retrain.subnet:
+        candidates += [c for c in topk_subnets(cfg, cfg.retrain.top_k) if c != subnet][:cfg.retrain.top_k - 1]
+
+    splits = {"train800val200": load_split(cfg, model_for_data(cfg, num_classes), "train800val200", progress=progress)}
+    if cfg.retrain.lr_grid or len(candidates) > 1:
+        ref = model_for_data(cfg, num_classes)
+        splits["train800"] = load_split(cfg, ref, "train800", progress=progress)
+        splits["val200"] = load_split(cfg, ref, "val200", progress=progress)
+    test_ds = load_split(cfg, model_for_data(cfg, num_classes), "test", in_memory=False)
+
+    glora = Method("glora", "GLoRA (searched)", subnet, cfg.retrain.init)
+    cand_info = []
+    if len(candidates) > 1:  # the architecture is chosen on val200 too, among the search's top-k
+        for i, c in enumerate(candidates):
+            m = Method(f"glora_top{i + 1}", "GLoRA (searched)", c, cfg.retrain.init)
+            lr, scores, t_sel = select_lr(cfg, m, num_classes, splits["train800"], splits["val200"], out, device,
+                                          progress, always=True)
+            cand_info.append({"rank": i + 1, "params": space.params(c), "lr": lr, "val_acc": scores[repr(lr)],
+                              "select_time_s": round(t_sel, 1), "method": m})
+        best = max(cand_info, key=lambda d: (d["val_acc"], -d["rank"]))
+        glora, subnet = best["method"], best["method"].subnet
+        _logger.info("retrain: top-%d subnet of the search chosen on val200 (%.4f)", best["rank"], best["val_acc"])
+    adapter_params = space.params(subnet)
     if (out / "checkpoint.pt").is_file() and (out / "subnet.yaml").is_file() and \
             Subnet.from_yaml(out / "subnet.yaml") != subnet:
         raise UserError(f"{out} holds the retrain of another subnet; keep it and retrain this one elsewhere "
                         f"with --set retrain.dir=retrain-2 (or delete {out})")
-    methods = [Method("glora", "GLoRA (searched)", subnet, cfg.retrain.init)]
+    methods = [glora]
     lora_rank_used = None
     for b in cfg.retrain.baselines:
         if b == "lora":
@@ -242,18 +279,12 @@ def run_retrain(cfg: Config, progress: bool = True) -> dict:
             methods.append(Method("lora", f"LoRA r={lora_rank_used}", lsub, "scratch"))
         elif b == "head":
             methods.append(Method("head", "head only", None, "scratch"))
-    del model
-
-    splits = {"train800val200": load_split(cfg, model_for_data(cfg, num_classes), "train800val200", progress=progress)}
-    if cfg.retrain.lr_grid:
-        ref = model_for_data(cfg, num_classes)
-        splits["train800"] = load_split(cfg, ref, "train800", progress=progress)
-        splits["val200"] = load_split(cfg, ref, "val200", progress=progress)
-    test_ds = load_split(cfg, model_for_data(cfg, num_classes), "test", in_memory=False)
     subnet.to_yaml(out / "subnet.yaml", space.specs, model=cfg.model.name)
 
     # GLoRA: lr on val200, train800val200, merge, test once on the merged model
     model, info = run_method(cfg, methods[0], num_classes, splits, out, device, progress)
+    if cand_info:
+        info["select_time_s"] = round(sum(c["select_time_s"] for c in cand_info), 1)
     atomic_save_safetensors(out / "adapters.safetensors",
                             {n: p for n, p in model.named_parameters() if p.requires_grad})
     model.eval()
@@ -298,6 +329,8 @@ def run_retrain(cfg: Config, progress: bool = True) -> dict:
                "subnet": str(spath), "init": cfg.retrain.init, "lr": info["lr"],
                "val_acc_by_lr": info["val_acc_by_lr"], "select_time_s": info["select_time_s"],
                "train_time_s": info["train_time_s"], "baselines": baselines,
+               "candidates": [{k: v for k, v in c.items() if k != "method"} for c in cand_info],
+               "search_rank": next((c["rank"] for c in cand_info if c["method"] is glora), 1),
                "head_only_test_acc": baselines.get("head", {}).get("test_acc")}
     atomic_write_json(out / METRICS, metrics)
     _logger.info("retrain: test top-1 %.4f (merged model), %d adapter + %d head params, merge diff %.2e",

@@ -232,3 +232,21 @@ def test_suite_runs_each_task_and_writes_the_table(tmp_path, data_root, capsys):
     assert run_search.main(args) == 0
     assert capsys.readouterr().out.count("already complete") == 6
     assert run_search.main(["suite", "--tasks", " , "]) == 2
+
+
+def test_top_k_subnets_chosen_on_val200(tmp_path, data_root, tiny_run):
+    out = tmp_path / "topk"
+    shutil.copytree(tiny_run / "supernet", out / "supernet")
+    shutil.copytree(tiny_run / "search", out / "search")
+    args = tiny_args(out, data_root, "retrain.top_k=3", "retrain.baselines=[lora]")
+    assert run_search.main(args + ["--stage", "retrain"]) == 0
+    m = json.loads((out / "retrain" / "metrics.json").read_text())
+    topk = yaml.safe_load((out / "search" / "topk.yaml").read_text())["topk"]
+    assert [c["rank"] for c in m["candidates"]] == [1, 2, 3]
+    assert [c["params"] for c in m["candidates"]] == [e["params"] for e in topk[:3]]
+    best = max(m["candidates"], key=lambda c: (c["val_acc"], -c["rank"]))
+    assert m["search_rank"] == best["rank"]
+    chosen = yaml.safe_load((out / "retrain" / "subnet.yaml").read_text())
+    assert [[lc[t] for t in "ABCDE"] for lc in chosen["layers"]] == topk[best["rank"] - 1]["layers"]
+    assert m["adapter_params"] == best["params"] == chosen["params"]
+    assert m["baselines"]["lora"]["adapter_params"] <= m["adapter_params"] or m["baselines"]["lora"]["rank"] == 1
