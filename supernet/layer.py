@@ -95,9 +95,13 @@ class SuperGloraLinear(GloraAlgebra, nn.Module):
         base_layer: the ``nn.Linear`` to adapt; its weight and bias are frozen.
         max_rank: largest LoRA rank any tensor may take (the shared storage size).
         scales: constant multipliers of the stored tensors (:func:`support_scales`).
+        own_b_vector: B as ``vector``/``scalar`` gets its own ``d_out`` vector ``B_vec`` (first element = scalar)
+            instead of ``B_down[:, 0]``. With the ``scaled`` parametrisation the stored B vector is ``d_in`` times
+            the value it stands for, which would swamp a LoRA B sharing that column.
     """
 
-    def __init__(self, base_layer: nn.Linear, max_rank: int = 4, scales: dict | None = None):
+    def __init__(self, base_layer: nn.Linear, max_rank: int = 4, scales: dict | None = None,
+                 own_b_vector: bool = False):
         super().__init__()
         self.scales = dict(scales or {})
         if not isinstance(base_layer, nn.Linear):
@@ -115,6 +119,8 @@ class SuperGloraLinear(GloraAlgebra, nn.Module):
         self.A_up = nn.Parameter(torch.empty(r, d_in, **kw))
         self.B_down = nn.Parameter(torch.zeros(d_out, r, **kw))
         self.B_up = nn.Parameter(torch.empty(r, d_in, **kw))
+        if own_b_vector:
+            self.B_vec = nn.Parameter(torch.zeros(d_out, **kw))
         if self.has_bias:
             self.C_down = nn.Parameter(torch.zeros(d_in, r, **kw))
             self.C_up = nn.Parameter(torch.empty(r, 1, **kw))
@@ -126,7 +132,7 @@ class SuperGloraLinear(GloraAlgebra, nn.Module):
         self._merged_cast: Optional[tuple[torch.Tensor, Optional[torch.Tensor]]] = None
 
     def reset_parameters(self) -> None:
-        for name in ("A_down", "B_down", "C_down", "D", "E"):
+        for name in ("A_down", "B_down", "B_vec", "C_down", "D", "E"):
             if hasattr(self, name):
                 nn.init.zeros_(getattr(self, name))
         for name in ("A_up", "B_up", "C_up"):
@@ -176,6 +182,8 @@ class SuperGloraLinear(GloraAlgebra, nn.Module):
         down, up = getattr(self, f"{tensor}_down"), getattr(self, f"{tensor}_up")
         if c == "none":
             return None
+        if c in ("vector", "scalar") and tensor == "B" and hasattr(self, "B_vec"):
+            return self.B_vec if c == "vector" else self.B_vec[:1]
         if c == "vector":
             return down[:, 0]
         if c == "scalar":

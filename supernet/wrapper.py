@@ -37,7 +37,8 @@ class GloraSupernet(nn.Module):
         for n in names:
             lin = model.get_submodule(n)
             scales = support_scales(parametrisation, lin.in_features, lin.out_features, a_lora_scale)
-            replace_module(model, n, SuperGloraLinear(lin, max_rank=max_rank, scales=scales))
+            replace_module(model, n, SuperGloraLinear(lin, max_rank=max_rank, scales=scales,
+                                                      own_b_vector=parametrisation == "scaled"))
         freeze_all_but(model, list(self.adapter_parameters()) + head_parameters(model))
 
     # ---- structure -----------------------------------------------------------------------------------

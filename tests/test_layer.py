@@ -173,8 +173,8 @@ def test_head_never_adapted_and_missing_targets(vit):
     assert "head" not in sn.layer_names
 
 
-@pytest.mark.parametrize("a_scale", [1.0, 8.0])
-def test_scaled_parametrisation_matches_dense_and_merges(a_scale):
+@pytest.mark.parametrize("a_scale,own", [(1.0, False), (8.0, True)])
+def test_scaled_parametrisation_matches_dense_and_merges(a_scale, own):
     """``scaled``: B vector/scalar count as stored / d_in, a LoRA A as stored * a_lora_scale; checked against the
     dense formula with those tensors, against the merged weights, and the compact layer made from it."""
     from retrain.glora import GloraLinear
@@ -183,7 +183,8 @@ def test_scaled_parametrisation_matches_dense_and_merges(a_scale):
     d_in, d_out = 11, 6
     base = nn.Linear(d_in, d_out)
     scales = support_scales("scaled", d_in, d_out, a_lora_scale=a_scale)
-    layer = SuperGloraLinear(base, max_rank=4, scales=scales)
+    layer = SuperGloraLinear(base, max_rank=4, scales=scales, own_b_vector=own)
+    assert hasattr(layer, "B_vec") == own
     ref_layer = SuperGloraLinear(base, max_rank=4)  # paper parametrisation: its tensors rescaled by hand
     randomize_(layer, 3)
     x = torch.randn(4, d_in)
@@ -193,7 +194,11 @@ def test_scaled_parametrisation_matches_dense_and_merges(a_scale):
         ref_layer.set_choice(choice)
         with torch.no_grad():
             for n, p in layer.named_parameters(recurse=False):
-                getattr(ref_layer, n).copy_(p)
+                if n != "B_vec":
+                    getattr(ref_layer, n).copy_(p)
+            if own and b in ("vector", "scalar"):
+                ref_layer.B_down[:, 0].copy_(layer.B_vec)
+                ref_layer.B_down[0, 0].copy_(layer.B_vec[0])
             if b in ("vector", "scalar"):
                 ref_layer.B_down.mul_(1.0 / d_in)
             if a.startswith("lora_"):
@@ -205,7 +210,12 @@ def test_scaled_parametrisation_matches_dense_and_merges(a_scale):
         compact = GloraLinear.from_super(layer, choice)
         torch.testing.assert_close(compact(x), out, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(compact.merge()(x), out, atol=1e-5, rtol=1e-5)
-    if a_scale == 1.0:
-        layer.set_choice(LayerChoice("none", "vector", "none", "none", "none"))
-        torch.testing.assert_close(layer(x) - base(x), x.sum(-1, keepdim=True) / d_in * layer.B_down[:, 0],
-                                   atol=1e-5, rtol=1e-5)
+    layer.set_choice(LayerChoice("none", "vector", "none", "none", "none"))
+    stored = layer.B_vec if own else layer.B_down[:, 0]
+    torch.testing.assert_close(layer(x) - base(x), x.sum(-1, keepdim=True) / d_in * stored, atol=1e-5, rtol=1e-5)
+    if own:  # the vector B does not touch the storage of a LoRA B
+        layer.set_choice(LayerChoice("none", "lora_4", "none", "none", "none"))
+        before = layer(x)
+        with torch.no_grad():
+            layer.B_vec.add_(5.0)
+        torch.testing.assert_close(layer(x), before)
