@@ -14,6 +14,7 @@ from common.config import Config
 from common.engine import evaluate, resolve_device, set_threads
 from common.errors import UserError
 from common.io import atomic_save_safetensors, atomic_write_json
+from common.checkpoint import CHECKPOINT
 from common.trainer import FitSpec, fit
 from supernet.inject import freeze_all_but, head_names, head_parameters
 from supernet.space import SearchSpace, Subnet
@@ -103,7 +104,7 @@ def run_retrain(cfg: Config, progress: bool = True) -> dict:
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     fingerprint = {"model": cfg.model.to_dict(), "subnet": [list(c) for c in subnet.layers],
                    "names": list(subnet.names), "init": cfg.retrain.init, "task": [cfg.data.root, cfg.data.task]}
-    if (out / "checkpoint.pt").is_file() and (out / "subnet.yaml").is_file() and \
+    if (out / CHECKPOINT).is_file() and (out / "subnet.yaml").is_file() and \
             Subnet.from_yaml(out / "subnet.yaml") != subnet:
         raise UserError(f"{out} holds the retrain of another subnet; keep it and retrain this one elsewhere "
                         f"with --set retrain.dir=retrain-2 (or delete {out})")

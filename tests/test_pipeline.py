@@ -34,7 +34,7 @@ def tiny_run(tmp_path_factory, data_root):
 
 
 def test_every_file_is_written(tiny_run):
-    for f in ["config.yaml", "summary.json", "supernet/checkpoint.pt", "supernet/adapters.safetensors",
+    for f in ["config.yaml", "summary.json", "supernet/checkpoint.safetensors", "supernet/adapters.safetensors",
               "supernet/log.jsonl", "search/history.jsonl", "search/subnet.yaml", "search/topk.yaml",
               "search/state.json", "retrain/model_merged.safetensors", "retrain/metrics.json",
               "retrain/adapters.safetensors", "retrain/subnet.yaml"]:
