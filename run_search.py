@@ -53,7 +53,7 @@ def os_error_line(e: OSError) -> str:
 
 def run_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="run_search.py", description="GLoRA supernet, search and retrain on timm.",
-                                epilog="other commands: 'run_search.py prepare -h', 'run_search.py inspect -h'")
+                       epilog="other commands: 'run_search.py prepare -h', 'run_search.py inspect -h'")
     p.add_argument("-c", "--config", default=None, help="task config: a yaml path or a name under configs/")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value (repeatable); the value is read as YAML")
@@ -97,11 +97,13 @@ def cmd_prepare(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if args.task not in OFFLINE_TASKS:
         raise UserError(f"unknown offline task {args.task!r}: valid are {', '.join(OFFLINE_TASKS)}")
-    setup_logging()
     target = Path(args.root) / args.task
     if target.exists() and not args.overwrite:
         print(f"left {target} as it is: it exists already (--overwrite replaces it)")
         return 0
+    from common.preflight import check_writable_folder
+    check_writable_folder(Path(args.root), "prepare --root")
+    setup_logging()
     path = prepare_task(args.task, args.root, seed=args.seed, overwrite=args.overwrite)
     print(f"wrote {path}")
     return 0
@@ -109,10 +111,13 @@ def cmd_prepare(argv: list[str]) -> int:
 
 def cmd_inspect(argv: list[str]) -> int:
     p = ArgumentParser(prog="run_search.py inspect",
-                                description="per-layer table and pictures of a searched subnet")
+                       description="per-layer table and pictures of a searched subnet")
     p.add_argument("target", help="a run folder (output_dir) or a subnet.yaml")
     p.add_argument("--out", default=None, help="folder for the PNGs (default: beside subnet.yaml)")
     args = p.parse_args(argv)
+    if args.out:
+        from common.preflight import check_writable_folder
+        check_writable_folder(Path(args.out), "inspect --out")
     from search.inspect import inspect_main
     return inspect_main(args.target, args.out)
 

@@ -239,8 +239,8 @@ MAX_SEED = 2 ** 32 - 1
 def _at_least(key: str, value: Any, least: float, finite: bool = True) -> None:
     """``value >= least`` (and finite); NaN fails every comparison, so it is refused too."""
     if not (value >= least) or (finite and not math.isfinite(value)):
-        raise UserError(f"config key {key}: must be {'a finite number ' if finite else ''}>= {least:g}, "
-                        f"got {value!r}")
+        kind = "an integer" if isinstance(value, int) else "a finite number" if finite else "a number"
+        raise UserError(f"config key {key}: must be {kind} >= {least:g}, got {value!r}")
 
 
 def _positive(key: str, value: Any) -> None:

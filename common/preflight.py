@@ -129,8 +129,9 @@ def check_stage_settings(cfg: Config, stage: str) -> None:
         raise UserError(f"{path}: damaged, expected a mapping with a 'fingerprint' mapping; {fix}")
     mine = json.loads(json.dumps(stage_fingerprint(cfg, stage)))
     if rec["fingerprint"] != mine:
+        other = "another retrain.dir or output_dir" if stage == "retrain" else "another output_dir"
         raise UserError(f"{folder} was made with other settings ({_differences(rec['fingerprint'], mine)}); "
-                        f"use another output_dir (or retrain.dir for a retrain), or delete {folder} to redo it")
+                        f"use {other}, or delete {folder} to redo it")
 
 
 # ------------------------------------------------------------------------------------------------ stage files
@@ -180,7 +181,7 @@ def check_summary(cfg: Config) -> None:
 
 # ------------------------------------------------------------------------------------------------ inputs
 
-def _writable_folder(path: Path, what: str) -> None:
+def check_writable_folder(path: Path, what: str) -> None:
     """``path`` is a folder that can be written, or can be made."""
     p = path
     while not p.exists() and p != p.parent:
@@ -195,7 +196,7 @@ def _writable_folder(path: Path, what: str) -> None:
 
 def check_output_dir(cfg: Config) -> None:
     out = Path(cfg.output_dir)
-    _writable_folder(out, "output_dir")
+    check_writable_folder(out, "output_dir")
     for name in ("config.yaml", "summary.json", "run.log"):
         p = out / name
         if p.exists() and (p.is_dir() or not os.access(p, os.W_OK)):
