@@ -512,3 +512,24 @@ def test_progress_off_a_terminal_is_a_few_plain_lines():
     for _ in progress_bar(range(10), desc="x", enabled=False, file=quiet):
         pass
     assert quiet.getvalue() == ""
+
+
+def test_retrain_compares_merged_and_unmerged_logits(finished_run, data_root, tmp_path, cli, monkeypatch):
+    """A merge that changed the function is caught before the merged model is written."""
+    import torch
+
+    import retrain.stage as rs
+    real = rs.merge_and_unload
+
+    def off_by_a_little(model):
+        merged = real(model)
+        with torch.no_grad():
+            w = merged.blocks[0].mlp.fc1.weight
+            w.add_(0.05 * torch.randn(w.shape, generator=torch.Generator().manual_seed(0)))
+        return merged
+    monkeypatch.setattr(rs, "merge_and_unload", off_by_a_little)
+    run = copy_run(finished_run, tmp_path)
+    with pytest.raises(RuntimeError, match="merged model differs"):
+        cli(*tiny_args(run, data_root, "retrain.dir=retrain-m", "retrain.epochs=0",
+                       "retrain.head_only_baseline=false"), "--stage", "retrain")
+    assert not (run / "retrain-m" / "model_merged.safetensors").exists()
