@@ -40,6 +40,13 @@ class _LogTqdm(tqdm):
     def set_description(self, desc=None, refresh=True):
         super().set_description(desc, refresh=False)
 
+    def close(self):
+        # ``delay`` keeps the 0% line out of the log; the final state is always written, once
+        if not self.disable and self.leave and self.last_print_n != self.n:
+            self.refresh()
+        self.leave = False
+        super().close()
+
 
 def _is_tty(stream) -> bool:
     try:
@@ -62,4 +69,5 @@ def progress_bar(iterable: Optional[Iterable] = None, total: Optional[int] = Non
     fmt = ("{desc}: {percentage:3.0f}% {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]" if known
            else "{desc}: {n_fmt} [{elapsed}, {rate_fmt}{postfix}]")
     return _LogTqdm(iterable, total=total, desc=desc, file=_LineWriter(stream), mininterval=LOG_INTERVAL_S,
-                maxinterval=max(LOG_INTERVAL_S, 10.0), miniters=1, bar_format=fmt, **kwargs)
+                    maxinterval=max(LOG_INTERVAL_S, 10.0), miniters=1, delay=LOG_INTERVAL_S, bar_format=fmt,
+                    **kwargs)
