@@ -143,6 +143,9 @@ def check_stage_files(cfg: Config, stage: str) -> None:
     if not folder.is_dir():
         return
     from .checkpoint import checkpoint_info
+    from .io import read_jsonl
+    if stage in ("supernet", "retrain"):
+        read_jsonl(folder / "log.jsonl")
     if stage == "supernet":
         checkpoint_info(folder)
         adapters = folder / "adapters.safetensors"
@@ -236,6 +239,16 @@ def model_space(cfg: Config):
                        choices_ab=list(g.choices_ab), choices_c=list(g.choices_c), choices_de=list(g.choices_de))
 
 
+def check_checkpoint_path(cfg: Config) -> None:
+    """A ``model.checkpoint`` file that is not there is found now, not after the data is prepared."""
+    ck = str(cfg.model.checkpoint)
+    if ck and not ck.startswith("offline:"):
+        path = Path(ck).expanduser()
+        if not path.is_file():
+            raise UserError(f"model.checkpoint: {path} not found; expected a .npz, .pth/.pt or .safetensors file "
+                            "or offline:NAME")
+
+
 def _pretrained_cached(name: str) -> bool:
     """Whether timm's pretrained weights for ``name`` are in the local Hugging Face cache already."""
     try:
@@ -299,6 +312,7 @@ def preflight(cfg: Config, stages: Iterable[str]) -> None:
         from supernet.space import Subnet
         subnet = Subnet.from_yaml(cfg.retrain.subnet)
         space.check_subnet(subnet, max_rank=space.max_rank if cfg.retrain.init == "supernet" else None)
+    check_checkpoint_path(cfg)
     check_pretrained(cfg)
     check_summary(cfg)
     for stage in _stages_read(cfg, stages):

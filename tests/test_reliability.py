@@ -139,6 +139,9 @@ case("model.name unknown", "vit_nope", "model.name=vit_nope")
 case("target_modules match nothing", "not found", "glora.target_modules=[nomatch]")
 case("choice not valid for C", "not valid for tensor C", "glora.choices_c=[scalar]")
 case("infeasible budget", "infeasible", "search.min_params_m=40", "search.max_params_m=50")
+case("checkpoint file missing", "model.checkpoint", "model.checkpoint=/nonexistent/ViT-B_16.npz")
+case("supernet log damaged mid-file", "log.jsonl:1", setup=lambda c: (c.run / "supernet" / "log.jsonl").write_text(
+    "{oops\n" + (c.run / "supernet" / "log.jsonl").read_text()))
 case("pretrained offline", "model.pretrained",
      "model.pretrained=true", setup=lambda c: (c.mp.setenv("HF_HUB_OFFLINE", "1"),
                                                c.mp.setattr("common.preflight._pretrained_cached", lambda n: False)))
@@ -247,7 +250,7 @@ def _other_task(data_root: Path) -> None:
 
 
 def test_bad_input_table_size():
-    assert len(BAD_INPUTS) == 81, len(BAD_INPUTS)
+    assert len(BAD_INPUTS) == 83, len(BAD_INPUTS)
 
 
 @pytest.mark.parametrize("sets,setup,argv,fragment", BAD_INPUTS)
