@@ -15,6 +15,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
 from .checkpoint import CHECKPOINT, checkpoint_info, load_checkpoint, save_checkpoint
 from .engine import InMemorySplit, autocast, lr_at
 from .errors import UserError
@@ -140,8 +141,8 @@ def fit(model: nn.Module, named_params: dict[str, nn.Parameter], train: InMemory
             model.train()
         append_jsonl(log_path, record)
         save_checkpoint(ckpt, {"epoch": epoch + 1, "fingerprint": fingerprint, "optimizer": opt.state_dict(),
-                                 "params": {k: v.detach().cpu().clone() for k, v in named_params.items()}})
+                               "params": {k: v.detach().cpu().clone() for k, v in named_params.items()}})
     if spec.epochs == 0 and not ckpt.is_file():
         save_checkpoint(ckpt, {"epoch": 0, "fingerprint": fingerprint, "optimizer": opt.state_dict(),
-                                 "params": {k: v.detach().cpu().clone() for k, v in named_params.items()}})
+                               "params": {k: v.detach().cpu().clone() for k, v in named_params.items()}})
     return read_jsonl(log_path)

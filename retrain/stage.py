@@ -10,11 +10,11 @@ import torch
 import torch.nn as nn
 
 from common.build import build_backbone, load_split, prepare_data, stage_dir, stream_batches
+from common.checkpoint import CHECKPOINT
 from common.config import Config
 from common.engine import evaluate, resolve_device, set_threads
 from common.errors import UserError
 from common.io import atomic_save_safetensors, atomic_write_json
-from common.checkpoint import CHECKPOINT
 from common.trainer import FitSpec, fit
 from supernet.inject import freeze_all_but, head_names, head_parameters
 from supernet.space import SearchSpace, Subnet
