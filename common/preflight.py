@@ -216,6 +216,8 @@ def check_data(cfg: Config) -> None:
         num_classes(cfg.data.root, cfg.data.task)
     elif cfg.data.task not in OFFLINE_TASKS or not cfg.data.prepare_missing:
         ensure_task(cfg.data.root, cfg.data.task, prepare_missing=cfg.data.prepare_missing)  # raises its error
+    else:
+        check_writable_folder(Path(cfg.data.root), "data.root (the offline task is written there)")
 
 
 def model_space(cfg: Config):

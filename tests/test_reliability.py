@@ -155,6 +155,8 @@ case("disk full", "No space left",
 case("split not UTF-8", "not UTF-8", argv=lambda c: c.args(f"data.root={_bad_task(c, 'utf8')}"))
 case("label missing from train800val200", "label out of range",
      argv=lambda c: c.args(f"data.root={_bad_task(c, 'label')}"))
+case("data.root is a file", "data.root", argv=lambda c: c.args(
+    f"data.root={c.run / 'summary.json'}", "data.task=dsprites_ori"))
 case("retrain subnet missing", "subnet file not found",
      argv=lambda c: c.args("retrain.dir=retrain-x") + ["--stage", "retrain", "--subnet", "/nonexistent/s.yaml"])
 case("retrain subnet wrong layer", "is not an adapted layer",
@@ -250,7 +252,7 @@ def _other_task(data_root: Path) -> None:
 
 
 def test_bad_input_table_size():
-    assert len(BAD_INPUTS) == 83, len(BAD_INPUTS)
+    assert len(BAD_INPUTS) == 84, len(BAD_INPUTS)
 
 
 @pytest.mark.parametrize("sets,setup,argv,fragment", BAD_INPUTS)
