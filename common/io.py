@@ -14,7 +14,7 @@ import yaml
 from .errors import UserError
 
 
-def _umask() -> int:
+def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -40,7 +40,7 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[str], None]) -> No
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp creates 0600
         write_fn(tmp)
         fd = os.open(tmp, os.O_RDONLY)
         try:
@@ -110,10 +110,13 @@ def append_jsonl(path: str | os.PathLike, record: dict) -> None:
     """Append one JSON line (flushed and synced, so a killed run loses at most the line being written)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
     with open(path, "a") as f:
         f.write(json.dumps(record, sort_keys=True) + "\n")
         f.flush()
         os.fsync(f.fileno())
+    if new:
+        _fsync_dir(path.parent)
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
