@@ -284,9 +284,14 @@ def check_pretrained(cfg: Config) -> None:
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
         raise UserError(f"model.pretrained: the weights of {cfg.model.name} are not in the local cache and "
                         f"HF_HUB_OFFLINE is set; {hint}")
-    if not _reachable(HF_HOST, NETWORK_TIMEOUT_S):
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return  # through a proxy a direct connection says nothing: let the download try
+    from urllib.parse import urlsplit
+    endpoint = urlsplit(os.environ.get("HF_ENDPOINT", "").strip() or f"https://{HF_HOST[0]}")
+    host = (endpoint.hostname or HF_HOST[0], endpoint.port or (80 if endpoint.scheme == "http" else 443))
+    if not _reachable(host, NETWORK_TIMEOUT_S):
         raise UserError(f"model.pretrained: the weights of {cfg.model.name} are not in the local cache and "
-                        f"{HF_HOST[0]} cannot be reached (no network?); {hint}")
+                        f"{host[0]} cannot be reached (no network?); {hint}")
 
 
 def _stages_read(cfg: Config, stages: Iterable[str]) -> list[str]:

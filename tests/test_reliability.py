@@ -402,7 +402,8 @@ def test_fail_fast_budget_before_supernet_training(tmp_path, data_root, cli):
 def test_pretrained_without_network_fails_fast(tmp_path, data_root, cli, monkeypatch):
     import common.preflight as pf
     monkeypatch.setattr(pf, "_pretrained_cached", lambda name: False)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for var in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HF_ENDPOINT"):
+        monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(pf, "_reachable", lambda host, timeout: False)
     line = one_line_error(cli(*tiny_args(tmp_path / "o", data_root, "model.pretrained=true")), "cannot be reached")
     assert "model.checkpoint" in line and not (tmp_path / "o").exists()
