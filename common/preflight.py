@@ -168,6 +168,10 @@ def check_stage_files(cfg: Config, stage: str) -> None:
     else:
         checkpoint_info(folder)
         checkpoint_info(folder / "head_only")
+        read_jsonl(folder / "head_only" / "log.jsonl")
+        if (folder / "subnet.yaml").exists():
+            from supernet.space import Subnet
+            Subnet.from_yaml(folder / "subnet.yaml")
         fix = f"delete {folder} to retrain"
         if (folder / "metrics.json").exists() and not isinstance(
                 _read_json(folder / "metrics.json", "the metrics", fix), dict):

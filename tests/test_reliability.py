@@ -191,6 +191,7 @@ case("summary.json a list", "summary.json", setup=write("summary.json", "[]"))
 case("settings.json damaged", "settings.json", setup=write("supernet/settings.json", "{"))
 case("metrics.json damaged", "metrics.json", setup=write("retrain/metrics.json", "{"))
 case("subnet.yaml damaged", "subnet.yaml", setup=write("search/subnet.yaml", "layers: [\n"))
+case("retrain subnet.yaml damaged", "retrain/subnet.yaml", setup=write("retrain/subnet.yaml", "- 1\n"))
 case("stage folder is a file", "is a file",
      setup=lambda c: (shutil.rmtree(c.run / "retrain"), (c.run / "retrain").write_text("x")))
 # other commands and usage errors
@@ -252,7 +253,7 @@ def _other_task(data_root: Path) -> None:
 
 
 def test_bad_input_table_size():
-    assert len(BAD_INPUTS) == 84, len(BAD_INPUTS)
+    assert len(BAD_INPUTS) == 85, len(BAD_INPUTS)
 
 
 @pytest.mark.parametrize("sets,setup,argv,fragment", BAD_INPUTS)
