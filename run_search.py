@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 import time
@@ -30,8 +31,29 @@ def setup_logging(output_dir: Path | None = None) -> None:
                         handlers=handlers, force=True)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (a UserError), like every other mistake."""
+
+    def error(self, message: str):
+        raise UserError(f"{self.prog}: {message} (see {self.prog} -h)")
+
+
+# what a full, read-only or unwritable folder raises: the user's to fix, not a bug
+USER_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EISDIR,
+               errno.EEXIST, errno.ENAMETOOLONG, errno.ELOOP}
+
+
+def os_error_line(e: OSError) -> str:
+    where = e.filename or "a file"
+    hint = {errno.ENOSPC: "free some space or use another output_dir",
+            errno.EDQUOT: "free some space or use another output_dir",
+            errno.EROFS: "the file system is read-only: use another output_dir"}.get(
+        e.errno, "check that the path is a folder you can write to, or use another one")
+    return f"cannot write {where}: {e.strerror or e}; {hint}"
+
+
 def run_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="run_search.py", description="GLoRA supernet, search and retrain on timm.",
+    p = ArgumentParser(prog="run_search.py", description="GLoRA supernet, search and retrain on timm.",
                                 epilog="other commands: 'run_search.py suite -h', 'run_search.py prepare -h', "
                                        "'run_search.py inspect -h'")
     p.add_argument("-c", "--config", default=None, help="task config: a yaml path or a name under configs/")
@@ -56,17 +78,19 @@ def cmd_run(argv: list[str]) -> int:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
     out = Path(cfg.output_dir)
+    stages = STAGES if args.stage == "all" else (args.stage,)
+    from common.preflight import preflight
+    preflight(cfg, stages)  # nothing is written before the command is accepted
     setup_logging(out)
     dump_config(cfg, out / "config.yaml")
     _logger.info("config resolved and written to %s", out / "config.yaml")
     from common.pipeline import run_stages
-    stages = STAGES if args.stage == "all" else (args.stage,)
     run_stages(cfg, stages, progress=not args.no_progress, skip_complete=args.stage == "all")
     return 0
 
 
 def cmd_suite(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="run_search.py suite",
+    p = ArgumentParser(prog="run_search.py suite",
                                 description="run every stage on several tasks, each into <output_dir>/<task>/, "
                                             "and write suite.md and suite.csv (GLoRA beside each baseline)")
     p.add_argument("-c", "--config", default=None, help="config: a yaml path or a name under configs/")
@@ -95,7 +119,7 @@ def _int_list(text: str, what: str) -> list[int]:
 
 
 def cmd_fewshot(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="run_search.py fewshot",
+    p = ArgumentParser(prog="run_search.py fewshot",
                                 description="turn NOAH's few-shot lists (train_meta.list.num_shot_K.seed_S, "
                                             "val_meta.list, test_meta.list) into VTAB-1k-layout task folders")
     p.add_argument("--src", required=True, help="folder holding the lists (or an annotations/ folder with them)")
@@ -115,7 +139,7 @@ def cmd_fewshot(argv: list[str]) -> int:
 
 def cmd_prepare(argv: list[str]) -> int:
     from data.offline import OFFLINE_TASKS, prepare_task
-    p = argparse.ArgumentParser(prog="run_search.py prepare", description="write an offline task in VTAB-1k layout")
+    p = ArgumentParser(prog="run_search.py prepare", description="write an offline task in VTAB-1k layout")
     p.add_argument("--task", required=True, help=f"one of {', '.join(OFFLINE_TASKS)}")
     p.add_argument("--root", default="datasets/vtab-1k", help="folder to write <root>/<task> into")
     p.add_argument("--seed", type=int, default=0)
@@ -123,6 +147,12 @@ def cmd_prepare(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if args.task not in OFFLINE_TASKS:
         raise UserError(f"unknown offline task {args.task!r}: valid are {', '.join(OFFLINE_TASKS)}")
+    target = Path(args.root) / args.task
+    if target.exists() and not args.overwrite:
+        print(f"left {target} as it is: it exists already (--overwrite replaces it)")
+        return 0
+    from common.preflight import check_writable_folder
+    check_writable_folder(Path(args.root), "prepare --root")
     setup_logging()
     path = prepare_task(args.task, args.root, seed=args.seed, overwrite=args.overwrite)
     print(f"wrote {path}")
@@ -130,11 +160,14 @@ def cmd_prepare(argv: list[str]) -> int:
 
 
 def cmd_inspect(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="run_search.py inspect",
-                                description="per-layer table and pictures of a searched subnet")
+    p = ArgumentParser(prog="run_search.py inspect",
+                       description="per-layer table and pictures of a searched subnet")
     p.add_argument("target", help="a run folder (output_dir) or a subnet.yaml")
     p.add_argument("--out", default=None, help="folder for the PNGs (default: beside subnet.yaml)")
     args = p.parse_args(argv)
+    if args.out:
+        from common.preflight import check_writable_folder
+        check_writable_folder(Path(args.out), "inspect --out")
     from search.inspect import inspect_main
     return inspect_main(args.target, args.out)
 
@@ -148,7 +181,12 @@ def main(argv: list[str] | None = None) -> int:
             return commands[argv[0]](argv[1:])
         return cmd_run(argv)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, whatever the message holds
+        return 2
+    except OSError as e:
+        if e.errno not in USER_ERRNOS:
+            raise
+        print(f"error: {os_error_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to continue where it stopped", file=sys.stderr)

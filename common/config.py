@@ -1,13 +1,17 @@
 """Configuration: ``configs/default.yaml`` names every key; a task config and ``--set`` overrides change some.
 
 Resolution order: defaults, then the task file (``--config``), then each ``--set section.key=value``. Every
-key must exist in the defaults and keep its type (an int is accepted where a float is expected). Mappings
-whose default is empty (``model.kwargs``) are free-form: their entries go to another library as they are.
+key must exist in the defaults and keep its type (an int is accepted where a float is expected, and a float
+that is a whole number where an int is). Numbers are read as people type them: ``1e-3``, ``1E-3``, ``.5`` and
+``5e4`` are numbers in a file and in ``--set`` alike (plain YAML 1.1 reads ``1e-3`` as a string). Mappings whose
+default is empty (``model.kwargs``) are free-form: their entries go to another library as they are.
 """
 from __future__ import annotations
 
 import copy
 import difflib
+import math
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -49,6 +53,36 @@ def _wrap(x: Any) -> Any:
     return x
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 safe loading plus the float forms of YAML 1.2 (``1e-3``, ``5E4``: no dot needed)."""
+
+
+_FLOAT_RE = re.compile(r'''^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$''', re.X)
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_RE, list("-+0123456789."))
+_NUMBER_RE = re.compile(r"^[-+]?(?:[0-9][0-9_]*\.?[0-9_]*|\.[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?$")
+
+
+def yaml_load(text: str):
+    """``yaml.safe_load`` that reads ``1e-3`` as a number."""
+    return yaml.load(text, Loader=_Loader)
+
+
+def _number(value: Any) -> Any:
+    """A number typed as a string (``'1e-3'``, ``'nan'``) as a float; anything else as it is."""
+    if isinstance(value, str):
+        t = value.strip()
+        if _NUMBER_RE.match(t) and any(ch.isdigit() for ch in t):
+            return float(t.replace("_", ""))
+        if t.lower().lstrip("+-.") in ("nan", "inf", "infinity"):
+            return float(t.lower().replace(".", ""))
+    return value
+
+
 def _all_keys(d: dict, prefix: str = "") -> list[str]:
     out = []
     for k, v in d.items():
@@ -71,11 +105,15 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
         if isinstance(value, bool):
             return value
     elif isinstance(default, float):
+        value = _number(value)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
     elif isinstance(default, int):
+        value = _number(value)
         if isinstance(value, int) and not isinstance(value, bool):
             return value
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+            return int(value)  # 5e4 for an int key: exact, so accepted
     elif isinstance(default, str):
         if isinstance(value, str):
             return value
@@ -117,8 +155,7 @@ def merge_into(base: dict, update: dict, defaults: dict, prefix: str = "", sourc
 
 
 def load_defaults() -> dict:
-    with open(DEFAULT_CONFIG) as f:
-        return yaml.safe_load(f)
+    return yaml_load(DEFAULT_CONFIG.read_text())
 
 
 def find_config(name: str) -> Path:
@@ -139,7 +176,7 @@ def parse_set(item: str) -> tuple[list[str], Any]:
     if not key:
         raise UserError(f"--set {item!r}: empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key.split("."), value
@@ -152,9 +189,11 @@ def load_config(name: str | None = None, overrides: Iterable[str] = ()) -> Confi
     if name:
         path = find_config(name)
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
             raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"{path}: cannot read it as a UTF-8 text file ({e})") from None
         merge_into(cfg, data, defaults, source=str(path))
     for item in overrides:
         parts, value = parse_set(item)
@@ -194,16 +233,50 @@ def _one_of(key: str, value: Any, valid: Iterable[str]) -> None:
         raise UserError(f"config key {key}: {value!r} is not one of {', '.join(map(str, valid))}")
 
 
+MAX_SEED = 2 ** 32 - 1
+
+
+def _at_least(key: str, value: Any, least: float, finite: bool = True) -> None:
+    """``value >= least`` (and finite); NaN fails every comparison, so it is refused too."""
+    if not (value >= least) or (finite and not math.isfinite(value)):
+        kind = "an integer" if isinstance(value, int) else "a finite number" if finite else "a number"
+        raise UserError(f"config key {key}: must be {kind} >= {least:g}, got {value!r}")
+
+
+def _positive(key: str, value: Any) -> None:
+    if not (value > 0) or not math.isfinite(value):
+        raise UserError(f"config key {key}: must be a finite number > 0, got {value!r}")
+
+
 def validate(cfg: dict) -> None:
-    """Checks of values (not only types) that would otherwise fail late in a run."""
+    """Checks of values (not only types) that would otherwise fail late in a run, or give a wrong run."""
     _one_of("precision", cfg["precision"], ["fp32", "bf16"])
     dev = cfg["device"]
-    if not (dev in ("auto", "cpu", "cuda") or (isinstance(dev, str) and dev.startswith("cuda:"))):
+    if not (dev in ("auto", "cpu", "cuda") or (isinstance(dev, str) and re.fullmatch(r"cuda:\d+", dev))):
         raise UserError(f"config key device: {dev!r} is not one of auto, cpu, cuda, cuda:N")
-    d = cfg["retrain"]["dir"]
-    if not d or "/" in d or "\\" in d or d in (".", "..", "supernet", "search"):
-        raise UserError(f"config key retrain.dir: {d!r} must be a plain folder name other than supernet, search")
-    _one_of("retrain.init", cfg["retrain"]["init"], ["supernet", "scratch"])
+    if not str(cfg["output_dir"]).strip():
+        raise UserError("config key output_dir: empty; give the folder the run writes into (e.g. runs/my_task)")
+    for key, seed in (("seed", cfg["seed"]), ("search.seed", cfg["search"]["seed"])):
+        if not 0 <= seed <= MAX_SEED:
+            raise UserError(f"config key {key}: must be an integer in [0, {MAX_SEED}], got {seed}")
+    _at_least("threads", cfg["threads"], 0)
+    m = cfg["model"]
+    if not str(m["name"]).strip():
+        raise UserError("config key model.name: empty; give a timm model name (timm.list_models())")
+    _at_least("model.num_blocks", m["num_blocks"], 0)
+    d = cfg["data"]
+    for key in ("root", "task"):
+        if not str(d[key]).strip():
+            raise UserError(f"config key data.{key}: empty")
+    if "/" in d["task"] or "\\" in d["task"] or d["task"] in (".", ".."):
+        raise UserError(f"config key data.task: {d['task']!r} must be a task folder name under data.root")
+    _at_least("data.image_size", d["image_size"], 0)
+    _at_least("data.num_workers", d["num_workers"], 0)
+    r = cfg["retrain"]
+    rd = r["dir"]
+    if not rd or "/" in rd or "\\" in rd or rd in (".", "..", "supernet", "search"):
+        raise UserError(f"config key retrain.dir: {rd!r} must be a plain folder name other than supernet, search")
+    _one_of("retrain.init", r["init"], ["supernet", "scratch"])
     for b in cfg["retrain"]["baselines"]:
         _one_of("retrain.baselines entry", b, ["lora", "head"])
     if len(set(cfg["retrain"]["baselines"])) != len(cfg["retrain"]["baselines"]):
@@ -232,19 +305,30 @@ def validate(cfg: dict) -> None:
         if cfg[sec][key] < 1 and not (key == "epochs" and cfg[sec][key] == 0):
             raise UserError(f"config key {sec}.{key}: must be >= 1, got {cfg[sec][key]}")
     for sec in ("supernet", "retrain"):
-        if cfg[sec]["lr"] <= 0:
-            raise UserError(f"config key {sec}.lr: must be > 0, got {cfg[sec]['lr']}")
+        t = cfg[sec]
+        _positive(f"{sec}.lr", t["lr"])
+        for key in ("weight_decay", "warmup_epochs", "min_lr", "head_lr_scale", "max_steps_per_epoch"):
+            _at_least(f"{sec}.{key}", t[key], 0)
+    _at_least("supernet.grad_clip", cfg["supernet"]["grad_clip"], 0)
+    _at_least("supernet.probe_paths", cfg["supernet"]["probe_paths"], 0)
+    _at_least("retrain.merge_atol", r["merge_atol"], 0)
     s = cfg["search"]
     if not 0.0 <= s["mutation_prob"] <= 1.0:
         raise UserError(f"config key search.mutation_prob: must be in [0, 1], got {s['mutation_prob']}")
     if s["select"] < 1:
         raise UserError(f"config key search.select: must be >= 1, got {s['select']}")
+    for key in ("mutation", "crossover", "max_eval_batches", "min_params_m", "max_params_m"):
+        _at_least(f"search.{key}", s[key], 0)
     if s["min_params_m"] > s["max_params_m"]:
         raise UserError(f"search.min_params_m ({s['min_params_m']}) is above search.max_params_m "
                         f"({s['max_params_m']})")
-    ranks = cfg["glora"]["ranks"]
+    g = cfg["glora"]
+    ranks = g["ranks"]
     if not ranks or any(r <= 0 for r in ranks):
         raise UserError(f"config key glora.ranks: expected positive integers, got {ranks}")
+    for key in ("target_modules", "choices_ab", "choices_c", "choices_de"):
+        if not g[key] or not all(isinstance(x, str) and x.strip() for x in g[key]):
+            raise UserError(f"config key glora.{key}: expected a non-empty list of names, got {g[key]}")
 
 
 def dump_config(cfg: dict, path: str | Path) -> None:

@@ -45,10 +45,10 @@ class InMemorySplit:
     @classmethod
     def from_dataset(cls, dataset, desc: str = "", batch_size: int = 64, num_workers: int = 0,
                      progress: bool = True) -> "InMemorySplit":
-        from tqdm import tqdm
+        from .progress import progress_bar
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
         xs, ys = [], []
-        for x, y in tqdm(loader, desc=f"loading {desc}", leave=False, dynamic_ncols=True, disable=not progress):
+        for x, y in progress_bar(loader, desc=f"loading {desc}", enabled=progress):
             xs.append(x)
             ys.append(torch.as_tensor(y))
         return cls(torch.cat(xs), torch.cat(ys).long())
@@ -79,8 +79,8 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     """Top-1 accuracy (fraction) over ``batches``; restores the model's train/eval mode.
     ``desc`` shows a progress bar with that label (for long splits)."""
     if desc:
-        from tqdm import tqdm
-        batches = tqdm(batches, desc=desc, leave=False, dynamic_ncols=True)
+        from .progress import progress_bar
+        batches = progress_bar(batches, desc=desc)
     was_training = model.training
     model.eval()
     correct = total = 0

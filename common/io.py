@@ -1,4 +1,8 @@
-"""Atomic file writes: a file is either the old version or the new one, never half written."""
+"""Atomic file writes: a file is either the old version or the new one, never half written.
+
+A new file gets the mode any other file the user creates gets (``0666`` less the umask), and it reaches the disk
+(the file, then its folder) before and after the rename, so a power cut cannot leave a renamed but empty file.
+"""
 import json
 import os
 import tempfile
@@ -6,6 +10,27 @@ from pathlib import Path
 from typing import Any, Callable
 
 import yaml
+
+from .errors import UserError
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot sync a folder
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write(path: str | os.PathLike, write_fn: Callable[[str], None]) -> None:
@@ -15,21 +40,30 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[str], None]) -> No
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp creates 0600
         write_fn(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    def _write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+    atomic_write(path, _write)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    def _write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-    atomic_write(path, _write)
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -40,39 +74,75 @@ def atomic_write_yaml(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, yaml.safe_dump(obj, sort_keys=False, default_flow_style=None))
 
 
-def atomic_torch_save(path: str | os.PathLike, obj: Any) -> None:
-    import torch
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+def safetensors_bytes(tensors: dict, metadata: dict | None = None) -> bytes:
+    """The safetensors file of ``tensors`` with a canonical header (keys sorted, metadata included), so the same
+    tensors and metadata always give the same bytes."""
+    from safetensors.torch import save
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    raw = save(tensors, metadata=metadata)
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + raw[8 + n:]
 
 
 def atomic_save_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict | None = None) -> None:
-    from safetensors.torch import save_file
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_write_bytes(path, safetensors_bytes(tensors, metadata))
+
+
+def load_safetensors(path: str | os.PathLike, what: str = "") -> dict:
+    """The tensors of a safetensors file; a missing, empty, truncated or otherwise damaged file is a UserError
+    that names it."""
+    from safetensors.torch import load
+    path = Path(path)
+    try:
+        return load(path.read_bytes())
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it ({e.strerror or e}){'; ' + what if what else ''}") from None
+    except Exception as e:  # the parser's own error types
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{path} is damaged or not a safetensors file ({msg}){'; ' + what if what else ''}") \
+            from None
 
 
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:
     """Append one JSON line (flushed and synced, so a killed run loses at most the line being written)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
     with open(path, "a") as f:
         f.write(json.dumps(record, sort_keys=True) + "\n")
         f.flush()
         os.fsync(f.fileno())
+    if new:
+        _fsync_dir(path.parent)
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Read a jsonl file, ignoring a truncated last line left by a killed process."""
+    """Read a jsonl file of JSON objects. A damaged last line (a write cut short by a kill) is left out; a damaged
+    line anywhere else is a UserError that names it, so no good record after it is ever dropped."""
     out = []
     path = Path(path)
     if not path.exists():
         return out
-    for line in path.read_text().splitlines():
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it ({e.strerror or e})") from None
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    for i, line in enumerate(lines):
         line = line.strip()
         if not line:
             continue
         try:
-            out.append(json.loads(line))
+            rec = json.loads(line)
         except json.JSONDecodeError:
-            break
+            rec = None
+        if not isinstance(rec, dict):
+            if i == last:
+                break
+            raise UserError(f"{path}:{i + 1}: damaged line (not a JSON object): {line[:60]!r}; repair or delete "
+                            "that line to go on")
+        out.append(rec)
     return out

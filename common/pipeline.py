@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .config import Config
 from .io import atomic_write_json
+from .preflight import record_settings
 
 _logger = logging.getLogger("glora")
 
@@ -34,6 +35,7 @@ def run_stages(cfg: Config, stages, progress: bool = True, skip_complete: bool =
             _logger.info("%s: already complete, skipped (delete %s to redo it)", stage, out / stage)
             continue
         _logger.info("%s: starting", stage)
+        record_settings(cfg, stage)  # what this stage folder is made with, checked by every later run
         t0 = time.time()
         result = run(cfg, progress=progress)
         result["time_s"] = round(time.time() - t0, 1)

@@ -8,20 +8,20 @@ resume drops log lines the checkpoint does not cover.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
+from .checkpoint import CHECKPOINT, checkpoint_info, load_checkpoint, save_checkpoint
 from .engine import InMemorySplit, autocast, lr_at
 from .errors import UserError
-from .io import append_jsonl, atomic_torch_save, atomic_write_text, read_jsonl
+from .io import append_jsonl, atomic_write_text, read_jsonl
+from .progress import progress_bar
 
-CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
 
 
@@ -58,13 +58,9 @@ def optimizer_for(named_params: dict[str, nn.Parameter], lr: float, weight_decay
     return torch.optim.AdamW(groups, lr=lr)
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
-
-
 def checkpoint_epoch(out_dir: str | Path) -> int:
-    p = Path(out_dir) / CHECKPOINT
-    return load_checkpoint(p)["epoch"] if p.is_file() else -1
+    info = checkpoint_info(out_dir)
+    return -1 if info is None else info["epoch"]
 
 
 def fit(model: nn.Module, named_params: dict[str, nn.Parameter], train: InMemorySplit, spec: FitSpec,
@@ -84,19 +80,24 @@ def fit(model: nn.Module, named_params: dict[str, nn.Parameter], train: InMemory
         steps_per_epoch = min(steps_per_epoch, spec.max_steps_per_epoch)
     total = steps_per_epoch * spec.epochs
     warmup = int(round(spec.warmup_epochs * steps_per_epoch))
-    fingerprint = dict(spec.fingerprint, steps_per_epoch=steps_per_epoch, params=sorted(named_params))
+    fingerprint = dict(spec.fingerprint, steps_per_epoch=steps_per_epoch, params=sorted(named_params),
+                       spec={k: v for k, v in asdict(spec).items() if k not in ("desc", "fingerprint")})
 
     start = 0
     ckpt = out_dir / CHECKPOINT
-    if ckpt.is_file():
-        state = load_checkpoint(ckpt)
+    state = load_checkpoint(out_dir)
+    if state is not None:
         if state.get("fingerprint") != fingerprint:
-            raise UserError(f"{ckpt} belongs to a run with other settings (model, layers, data or subnet); "
-                            f"use a new output_dir or delete {out_dir}")
-        with torch.no_grad():
-            for k, v in state["params"].items():
-                named_params[k].copy_(v)
-        opt.load_state_dict(state["optimizer"])
+            raise UserError(f"{ckpt} belongs to a run with other settings (model, layers, data, subnet, seed or "
+                            f"training settings); use a new output_dir or delete {out_dir}")
+        try:
+            with torch.no_grad():
+                for k, v in state["params"].items():
+                    named_params[k].copy_(v)
+            opt.load_state_dict(state["optimizer"])
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise UserError(f"{ckpt} is damaged ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                            f"delete {out_dir} to train this stage again") from None
         start = state["epoch"]
     log_path = out_dir / LOG
     kept = [r for r in read_jsonl(log_path) if r.get("epoch", 0) <= start]
@@ -106,8 +107,7 @@ def fit(model: nn.Module, named_params: dict[str, nn.Parameter], train: InMemory
     lr = spec.lr
     for epoch in range(start, spec.epochs):
         torch.manual_seed(spec.seed * 1_000_003 + epoch)
-        bar = tqdm(total=steps_per_epoch, desc=f"{spec.desc} {epoch + 1}/{spec.epochs}", disable=not progress,
-                   dynamic_ncols=True, leave=False)
+        bar = progress_bar(total=steps_per_epoch, desc=f"{spec.desc} {epoch + 1}/{spec.epochs}", enabled=progress)
         loss_sum, seen, correct = 0.0, 0, 0
         for i, (x, y) in enumerate(train.batches(bs, shuffle=True, seed=spec.seed, epoch=epoch,
                                                  drop_last=drop_last)):
@@ -140,9 +140,9 @@ def fit(model: nn.Module, named_params: dict[str, nn.Parameter], train: InMemory
             record.update(after_epoch(epoch))
             model.train()
         append_jsonl(log_path, record)
-        atomic_torch_save(ckpt, {"epoch": epoch + 1, "fingerprint": fingerprint, "optimizer": opt.state_dict(),
-                                 "params": {k: v.detach().cpu().clone() for k, v in named_params.items()}})
+        save_checkpoint(ckpt, {"epoch": epoch + 1, "fingerprint": fingerprint, "optimizer": opt.state_dict(),
+                               "params": {k: v.detach().cpu().clone() for k, v in named_params.items()}})
     if spec.epochs == 0 and not ckpt.is_file():
-        atomic_torch_save(ckpt, {"epoch": 0, "fingerprint": fingerprint, "optimizer": opt.state_dict(),
-                                 "params": {k: v.detach().cpu().clone() for k, v in named_params.items()}})
+        save_checkpoint(ckpt, {"epoch": 0, "fingerprint": fingerprint, "optimizer": opt.state_dict(),
+                               "params": {k: v.detach().cpu().clone() for k, v in named_params.items()}})
     return read_jsonl(log_path)

@@ -255,6 +255,9 @@ def create_backbone(name: str, num_classes: int, pretrained: bool = False, check
             raise UserError(f"model.pretrained: could not load timm's pretrained weights for {name} "
                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); without internet set "
                             "model.pretrained: false and give model.checkpoint") from None
+        if kwargs:
+            raise UserError(f"model.kwargs: timm cannot build {name} with {kwargs} ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''})") from None
         raise
     if checkpoint:
         load_checkpoint(model, str(checkpoint), antialias=antialias, model_name=name)

@@ -339,7 +339,8 @@ def prepare_task(name: str, root: str | os.PathLike, seed: int = 0, overwrite: b
         with open(tmp / "offline_task.json", "w") as f:
             json.dump(info, f, indent=2, sort_keys=True)
             f.write("\n")
-        os.chmod(tmp, 0o755)
+        from common.io import current_umask
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700; the task folder is shared like any other
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{name}.old-", dir=root))
             os.replace(target, old / name)

@@ -39,26 +39,33 @@ def read_split(root: str | os.PathLike, task: str, split: str, check_files: bool
         raise UserError(f"data: list file {list_file} not found; a VTAB-1k task folder holds "
                         + ", ".join(f"{s}.txt" for s in SPLITS))
     samples: list[tuple[Path, int]] = []
-    with open(list_file, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            parts = line.rsplit(None, 1)
-            if len(parts) != 2:
-                raise UserError(f"data: {list_file}:{lineno}: malformed line {line!r}; "
-                                "expected '<image path> <integer label>'")
-            rel, lab = parts
-            try:
-                label = int(lab)
-            except ValueError:
-                raise UserError(f"data: {list_file}:{lineno}: label {lab!r} is not an integer") from None
-            if label < 0:
-                raise UserError(f"data: {list_file}:{lineno}: negative label {label}; expected labels 0..K-1")
-            path = tdir / rel
-            if check_files and not path.is_file():
-                raise UserError(f"data: {list_file}:{lineno}: image {path} not found")
-            samples.append((path, label))
+    try:
+        raw_lines = list_file.read_bytes().split(b"\n")
+    except OSError as e:
+        raise UserError(f"data: cannot read {list_file} ({e.strerror or e})") from None
+    for lineno, raw in enumerate(raw_lines, 1):
+        try:
+            line = raw.decode("utf-8").strip()
+        except UnicodeDecodeError as e:
+            raise UserError(f"data: {list_file}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                            f"{e.start + 1}); save the list file as UTF-8") from None
+        if not line:
+            continue
+        parts = line.rsplit(None, 1)
+        if len(parts) != 2:
+            raise UserError(f"data: {list_file}:{lineno}: malformed line {line!r}; "
+                            "expected '<image path> <integer label>'")
+        rel, lab = parts
+        try:
+            label = int(lab)
+        except ValueError:
+            raise UserError(f"data: {list_file}:{lineno}: label {lab!r} is not an integer") from None
+        if label < 0:
+            raise UserError(f"data: {list_file}:{lineno}: negative label {label}; expected labels 0..K-1")
+        path = tdir / rel
+        if check_files and not path.is_file():
+            raise UserError(f"data: {list_file}:{lineno}: image {path} not found")
+        samples.append((path, label))
     if not samples:
         raise UserError(f"data: list file {list_file} is empty; expected '<image path> <integer label>' lines")
     return samples
@@ -72,11 +79,13 @@ def num_classes(root: str | os.PathLike, task: str) -> int:
     else:
         labels = [lab for s in ("train800", "val200") for _, lab in read_split(root, task, s, check_files=False)]
     k = max(labels) + 1
-    if (tdir / "test.txt").is_file():
-        for path, lab in read_split(root, task, "test", check_files=False):
-            if lab >= k:
-                raise UserError(f"data: {tdir / 'test.txt'}: label out of range: {lab} for image {path}; "
-                                f"the training splits have {k} classes (0..{k - 1})")
+    for split in ("train800", "val200", "test"):
+        if (tdir / f"{split}.txt").is_file():
+            for path, lab in read_split(root, task, split, check_files=False):
+                if lab >= k:
+                    raise UserError(f"data: {tdir / (split + '.txt')}: label out of range: {lab} for image {path}; "
+                                    f"train800val200 has {k} classes (0..{k - 1}), and every split's labels must "
+                                    "be among them")
     return k
 
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from common.build import build_backbone, load_split, prepare_data, stage_dir, stream_batches
+from common.checkpoint import CHECKPOINT
 from common.config import Config
 from common.engine import InMemorySplit, autocast, evaluate, resolve_device, set_threads
 from common.errors import UserError
@@ -263,7 +264,7 @@ def run_retrain(cfg: Config, progress: bool = True) -> dict:
         glora, subnet = best["method"], best["method"].subnet
         _logger.info("retrain: top-%d subnet of the search chosen on val200 (%.4f)", best["rank"], best["val_acc"])
     adapter_params = space.params(subnet)
-    if (out / "checkpoint.pt").is_file() and (out / "subnet.yaml").is_file() and \
+    if (out / CHECKPOINT).is_file() and (out / "subnet.yaml").is_file() and \
             Subnet.from_yaml(out / "subnet.yaml") != subnet:
         raise UserError(f"{out} holds the retrain of another subnet; keep it and retrain this one elsewhere "
                         f"with --set retrain.dir=retrain-2 (or delete {out})")

@@ -30,6 +30,7 @@ from .operators import check_budget, crossover, in_budget, mutate, sample_in_bud
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+FINAL_FILES = ("subnet.yaml", "topk.yaml", "done")   # written in this order once state.json says finished
 CHILD_TRIES = 10        # draws per child slot before it is left empty (colliding or out-of-budget children)
 
 
@@ -53,6 +54,45 @@ class SearchResult:
     @property
     def evaluated(self) -> int:
         return len(self.history)
+
+
+STATE_KEYS = ("settings", "generation", "finished", "cache", "rng")
+RECORD_KEYS = ("generation", "params", "val_acc", "layers")
+
+
+def read_state(path: str | Path) -> dict:
+    """``state.json`` checked for what a resume reads; a damaged file is a UserError that names it."""
+    path = Path(path)
+    fix = "delete the search folder to start the search over"
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e}); {fix}") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{path}: expected a mapping with {', '.join(STATE_KEYS)}, got a {type(state).__name__}; "
+                        f"{fix}")
+    missing = [k for k in STATE_KEYS if k not in state]
+    if missing:
+        raise UserError(f"{path}: no {', '.join(missing)} in it; {fix}")
+    if not isinstance(state["cache"], list) or not isinstance(state["settings"], dict) or \
+            not isinstance(state["generation"], int) or not all(_good_record(r) for r in state["cache"]):
+        raise UserError(f"{path}: damaged (settings, generation or cache entries of the wrong kind); {fix}")
+    return state
+
+
+def _good_record(r) -> bool:
+    return isinstance(r, dict) and all(k in r for k in RECORD_KEYS) and isinstance(r["layers"], list)
+
+
+def read_history(path: str | Path) -> list[dict]:
+    """``history.jsonl``: every intact record (a torn last line left by a kill is dropped; a damaged line
+    elsewhere, or a record without generation/params/val_acc/layers, is a UserError that names its line)."""
+    records = read_jsonl(path)
+    for i, r in enumerate(records):
+        if not _good_record(r):
+            lacks = ", ".join(k for k in RECORD_KEYS if k not in r) or "a layers list"
+            raise UserError(f"{path}: record {i + 1} lacks {lacks}; repair or delete that line to go on")
+    return records
 
 
 def _layers_json(subnet: Subnet) -> list[list[str]]:
@@ -130,14 +170,11 @@ class EvolutionSearcher:
         if self.out_dir is None or not self._path("state.json").exists():
             if self.out_dir is not None and self._path("history.jsonl").exists():
                 # killed during generation 0: its scores are reused, the draws are repeated from the seed
-                self._adopt_history(read_jsonl(self._path("history.jsonl")), after=0)
+                self._adopt_history(read_history(self._path("history.jsonl")), after=0)
             return False
         path = self._path("state.json")
-        try:
-            state = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}: not valid JSON ({e}); delete it to restart the search") from None
-        saved = state.get("settings", {})
+        state = read_state(path)
+        saved = state["settings"]
         mine = self._settings()
         # generations may change: a longer run extends a finished search, exactly as if it had run on
         changed = [k for k in mine if k != "generations" and saved.get(k) != mine[k]]
@@ -146,11 +183,19 @@ class EvolutionSearcher:
                             "use another output_dir or delete the search folder to start over")
         names = self.space.names
         self.generation = int(state["generation"])
-        for r in state["cache"]:
-            s = _subnet_from_json(names, r["layers"])
-            self.cache[s.key] = Candidate(s, int(r["params"]), float(r["val_acc"]), int(r["generation"]))
-        self.rng.bit_generator.state = state["rng"]
-        history = read_jsonl(self._path("history.jsonl"))
+        if self.generation > self.generations:
+            raise UserError(f"{path}: this search ran {self.generation} generations, more than search.generations="
+                            f"{self.generations}; set it to {self.generation} or more, or delete {self.out_dir} "
+                            "to search again")
+        try:
+            for r in state["cache"]:
+                s = _subnet_from_json(names, r["layers"])
+                self.cache[s.key] = Candidate(s, int(r["params"]), float(r["val_acc"]), int(r["generation"]))
+            self.rng.bit_generator.state = state["rng"]
+        except (TypeError, ValueError, KeyError) as e:
+            raise UserError(f"{path}: damaged ({type(e).__name__}: {e}); delete {self.out_dir} to search again") \
+                from None
+        history = read_history(self._path("history.jsonl"))
         self._adopt_history(history, after=self.generation)
         if state.get("finished") and self.generation < self.generations:
             log.info("extending the finished search in %s from %d to %d generations", self.out_dir,
@@ -164,12 +209,17 @@ class EvolutionSearcher:
         reused instead of scored again. The file is rewritten so a torn last line does not stay in it."""
         names = self.space.names
         kept = []
-        for r in history:
-            key = _subnet_from_json(names, r["layers"]).key
-            if int(r["generation"]) >= after:
+        for i, r in enumerate(history):
+            try:
+                key = _subnet_from_json(names, r["layers"]).key
+                gen, score = int(r["generation"]), float(r["val_acc"])
+            except (TypeError, ValueError) as e:
+                raise UserError(f"{self._path('history.jsonl')}: record {i + 1} does not fit this search space "
+                                f"({e}); repair or delete that line to go on") from None
+            if gen >= after:
                 if key in self.cache or key in self._pending:
                     continue
-                self._pending[key] = float(r["val_acc"])
+                self._pending[key] = score
             kept.append(r)
         self.history = kept
         atomic_write_text(self._path("history.jsonl"),
@@ -259,12 +309,14 @@ class EvolutionSearcher:
         check_budget(self.space, self.min_params, self.max_params)
         if self._load():
             log.info("search in %s is finished: returning the stored result", self.out_dir)
+            if not all(self._path(f).is_file() for f in FINAL_FILES):
+                log.info("search in %s: writing the final files a stopped run left out", self.out_dir)
+                self._write_final()  # killed between state.json and done: make the finished stage whole
             return self._result()
         bar = None
         if self.progress:
-            from tqdm import tqdm
-            bar = tqdm(total=self.generations, initial=self.generation, desc="search", unit="gen",
-                       dynamic_ncols=True)
+            from common.progress import progress_bar
+            bar = progress_bar(total=self.generations, initial=self.generation, desc="search", unit="gen")
         try:
             while self.generation < self.generations:
                 population = self._draw_generation()

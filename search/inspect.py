@@ -13,7 +13,6 @@ from pathlib import Path
 import yaml
 
 from common.errors import UserError
-from common.io import read_jsonl
 from supernet.params import layer_params
 from supernet.space import TENSORS, Subnet
 
@@ -61,13 +60,21 @@ def _choice_order(choices) -> list[str]:
 def inspect_main(target: str, out_dir: str | None = None) -> int:
     path = _find_subnet(Path(target))
     subnet = Subnet.from_yaml(path)
-    data = yaml.safe_load(path.read_text())
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
     entries = {str(e["name"]): e for e in data["layers"]}
     shapes = {}
-    for n in subnet.names:
-        e = entries[n]
-        if "in_features" in e and "out_features" in e:
-            shapes[n] = (int(e["in_features"]), int(e["out_features"]))
+    try:
+        for n in subnet.names:
+            e = entries[n]
+            if "in_features" in e and "out_features" in e:
+                shapes[n] = (int(e["in_features"]), int(e["out_features"]))
+        if data.get("params") is not None:
+            int(data["params"])
+        if data.get("val_acc") is not None:
+            float(data["val_acc"])
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{path}: damaged ({e}); in_features, out_features and params must be integers, val_acc "
+                        "a number") from None
     per_layer = {n: (layer_params(lc, *shapes[n]) if n in shapes else None)
                  for n, lc in zip(subnet.names, subnet.layers)}
 
@@ -102,7 +109,7 @@ def inspect_main(target: str, out_dir: str | None = None) -> int:
 
     out = Path(out_dir) if out_dir else path.parent
     history_path = path.parent / "history.jsonl"
-    history = read_jsonl(history_path) if history_path.is_file() else []
+    history = _read_history(history_path) if history_path.is_file() else []
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -119,6 +126,18 @@ def inspect_main(target: str, out_dir: str | None = None) -> int:
     for w in written:
         print(f"wrote {w}")
     return 0
+
+
+def _read_history(path: Path) -> list[dict]:
+    from search.evolution import read_history
+    history = read_history(path)
+    for i, h in enumerate(history):
+        try:
+            int(h["generation"]), int(h["params"]), float(h["val_acc"])
+        except (TypeError, ValueError):
+            raise UserError(f"{path}: record {i + 1} has a generation, params or val_acc that is not a number; "
+                            "repair or delete that line") from None
+    return history
 
 
 _COLORS = {"vector": "#4c9be8", "scalar": "#9ad17f", "none": "#eeeeee"}
@@ -220,10 +239,10 @@ def _budget(search_dir: Path) -> list[int]:
     if not p.is_file():
         return []
     try:
-        d = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError:
-        return []
-    return [int(d[k]) for k in ("min_params", "max_params") if d.get(k)]
+        d = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        return [int(d[k]) for k in ("min_params", "max_params") if d.get(k)]
+    except (yaml.YAMLError, UnicodeDecodeError, AttributeError, TypeError, ValueError):
+        return []  # only decoration of the picture
 
 
 __all__ = ["inspect_main"]

@@ -5,15 +5,15 @@ import logging
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from common.build import build_supernet, load_split, prepare_data, stage_dir
 from common.config import Config
 from common.engine import evaluate, resolve_device, set_threads
 from common.errors import UserError
+from common.io import load_safetensors
 from supernet.space import Subnet
 
-from .evolution import EvolutionSearcher
+from .evolution import FINAL_FILES, EvolutionSearcher, read_state
 from .operators import check_budget
 
 _logger = logging.getLogger(__name__)
@@ -26,7 +26,7 @@ def load_trained_supernet(cfg: Config, num_classes: int, device: torch.device):
         raise UserError(f"no trained supernet in {path.parent}: run --stage supernet first (same config)")
     sn = build_supernet(cfg, num_classes)
     try:
-        sn.load_trainable_state_dict(load_file(path))
+        sn.load_trainable_state_dict(load_safetensors(path, f"delete {path.parent} to train the supernet again"))
     except ValueError as e:
         raise UserError(f"{path} does not fit this config's model/search space: {e}") from None
     return sn.to(device)
@@ -34,7 +34,9 @@ def load_trained_supernet(cfg: Config, num_classes: int, device: torch.device):
 
 def search_complete(cfg: Config) -> bool:
     out = Path(cfg.output_dir) / "search"
-    return (out / "done").is_file() and (out / "subnet.yaml").is_file()
+    if not all((out / f).is_file() for f in FINAL_FILES) or not (out / "state.json").is_file():
+        return False
+    return read_state(out / "state.json")["generation"] >= cfg.search.generations  # more generations: extend it
 
 
 def run_search(cfg: Config, progress: bool = True) -> dict:

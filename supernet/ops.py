@@ -85,13 +85,19 @@ def glora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
         out = F.linear(x, weight, b)
     else:
         out = F.linear(x, weight)
-        scale = (A + 1).to(out.dtype)
-        out = out * scale if b is None else torch.addcmul(b.to(out.dtype), out, scale)
+        # the scaling is done in fp32 (at least) and its result kept so: under bf16 autocast, 1 + A rounded to bf16
+        # would drop every |A| below ~0.004, while the folded weight of the search path keeps it
+        dt = torch.promote_types(out.dtype, torch.float32)
+        scale = A.to(dt) + 1
+        out = out.to(dt) * scale if b is None else torch.addcmul(b.to(dt), out.to(dt), scale)
     if isinstance(B, Lora):
         h = F.linear(x, B.up)
-        shape = out.shape
-        out = torch.addmm(out.reshape(-1, shape[-1]), h.reshape(-1, h.shape[-1]), B.down.t().to(out.dtype))
-        out = out.reshape(shape)
+        if h.dtype != out.dtype:  # autocast: an addmm would round the fp32 sum above back to bf16
+            out = out + F.linear(h, B.down)
+        else:
+            shape = out.shape
+            out = torch.addmm(out.reshape(-1, shape[-1]), h.reshape(-1, h.shape[-1]), B.down.t().to(out.dtype))
+            out = out.reshape(shape)
     elif B is not None:
         out = torch.addcmul(out, x.sum(dim=-1, keepdim=True).to(out.dtype), B.to(out.dtype))
     return out

@@ -143,9 +143,11 @@ class Subnet:
         if not path.is_file():
             raise UserError(f"subnet file not found: {path}")
         try:
-            data = yaml.safe_load(path.read_text())
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as e:
             raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"{path}: cannot read it as UTF-8 text ({e})") from None
         return cls.from_dict(data, source=str(path))
 
 

@@ -6,9 +6,10 @@ candidates, so training concentrates on the subnets the search will score), so d
 without communication, and a resumed run draws the same paths as an uninterrupted one (see
 ``common.trainer.fit`` for the rest of the resume guarantee).
 
-Files under ``<output_dir>/supernet/``: ``checkpoint.pt`` (trainable state and optimizer, written atomically
-each epoch), ``adapters.safetensors`` (adapter and head weights), ``log.jsonl`` (one line an epoch: loss, lr,
-val top-1 of a few fixed probe paths).
+Files under ``<output_dir>/supernet/``: ``settings.json`` (what the stage ran with), ``checkpoint.safetensors``
+(trainable state and optimizer, written atomically each epoch; tensors and JSON, nothing that can run code),
+``adapters.safetensors`` (adapter and head weights), ``log.jsonl`` (one line an epoch: loss, lr, val top-1 of a
+few fixed probe paths).
 """
 from __future__ import annotations
 

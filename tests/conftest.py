@@ -44,3 +44,22 @@ def cli(capsys):
         out = capsys.readouterr()
         return subprocess.CompletedProcess(args, code, out.out, out.err)
     return run
+
+
+def tiny_args(out, root, *extra):
+    """CLI arguments of a seconds-long full run of configs/tiny.yaml on the generated task."""
+    sets = [f"output_dir={out}", f"data.root={root}", "supernet.max_steps_per_epoch=6",
+            "retrain.max_steps_per_epoch=6", "search.max_eval_batches=1", "data.eval_batch_size=100", *extra]
+    args = ["--config", "tiny", "--no-progress"]
+    for s in sets:
+        args += ["--set", s]
+    return args
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory, data_root):
+    """A finished tiny run (every stage), shared by the tests of a session: copy it before changing it."""
+    import run_search
+    out = tmp_path_factory.mktemp("run")
+    assert run_search.main(tiny_args(out, data_root)) == 0
+    return out

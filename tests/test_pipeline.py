@@ -12,29 +12,19 @@ import run_search
 from common.build import stream_batches
 from common.config import load_config
 from common.engine import evaluate
+from conftest import tiny_args
 from supernet.space import Subnet
 
 TINY_KW = "{img_size: 32, patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2}"
 
 
-def tiny_args(out, root, *extra):
-    sets = [f"output_dir={out}", f"data.root={root}", "supernet.max_steps_per_epoch=6",
-            "retrain.max_steps_per_epoch=6", "search.max_eval_batches=1", "data.eval_batch_size=100", *extra]
-    args = ["--config", "tiny", "--no-progress"]
-    for s in sets:
-        args += ["--set", s]
-    return args
-
-
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, data_root):
-    out = tmp_path_factory.mktemp("run")
-    assert run_search.main(tiny_args(out, data_root)) == 0
-    return out
+def tiny_run(finished_run):
+    return finished_run
 
 
 def test_every_file_is_written(tiny_run):
-    for f in ["config.yaml", "summary.json", "supernet/checkpoint.pt", "supernet/adapters.safetensors",
+    for f in ["config.yaml", "summary.json", "supernet/checkpoint.safetensors", "supernet/adapters.safetensors",
               "supernet/log.jsonl", "search/history.jsonl", "search/subnet.yaml", "search/topk.yaml",
               "search/state.json", "retrain/model_merged.safetensors", "retrain/metrics.json",
               "retrain/adapters.safetensors", "retrain/subnet.yaml"]:

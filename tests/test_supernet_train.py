@@ -58,7 +58,7 @@ def test_resume_after_kill_is_exact(tmp_path, data_root, monkeypatch, where):
             return orig(self, seed, step)
         monkeypatch.setattr(GloraSupernet, "sample_path", dying)
     else:
-        orig_save = st.atomic_torch_save
+        orig_save = st.save_checkpoint
         calls = {"n": 0}
 
         def dying_save(path, obj):
@@ -66,7 +66,7 @@ def test_resume_after_kill_is_exact(tmp_path, data_root, monkeypatch, where):
             if calls["n"] == 2:  # epoch 2's line is logged, its checkpoint never written
                 raise Killed()
             return orig_save(path, obj)
-        monkeypatch.setattr(st, "atomic_torch_save", dying_save)
+        monkeypatch.setattr(st, "save_checkpoint", dying_save)
     with pytest.raises(Killed):
         train_supernet(cfg, progress=False)
     monkeypatch.undo()
