@@ -167,8 +167,13 @@ def check_stage_files(cfg: Config, stage: str) -> None:
                             f"{folder} to search again")
     else:
         checkpoint_info(folder)
-        checkpoint_info(folder / "head_only")
-        read_jsonl(folder / "head_only" / "log.jsonl")
+        select = sorted((folder / "select").glob("*")) if (folder / "select").is_dir() else []
+        for sub in [folder / "head_only", folder / "lora"] + select:
+            checkpoint_info(sub)
+            read_jsonl(sub / "log.jsonl")
+            if (sub / "val.json").exists() and not isinstance(
+                    _read_json(sub / "val.json", "a learning-rate choice", f"delete {sub} to train it again"), dict):
+                raise UserError(f"{sub / 'val.json'}: damaged, expected a mapping; delete {sub} to train it again")
         if (folder / "subnet.yaml").exists():
             from supernet.space import Subnet
             Subnet.from_yaml(folder / "subnet.yaml")

@@ -318,7 +318,7 @@ def test_changed_task_is_refused_not_reported(finished_run, data_root, tmp_path,
     assert yaml.safe_load((run / "config.yaml").read_text())["data"]["task"] == "dsprites_loc"
     # another retrain folder for another retrain setting is the documented way, and it is accepted
     r = cli(*tiny_args(run, data_root, "retrain.dir=retrain-lr", "retrain.lr=2e-3", "retrain.epochs=0",
-                       "retrain.head_only_baseline=false"), "--stage", "retrain")
+                       "retrain.baselines=[]"), "--stage", "retrain")
     assert r.returncode == 0, r.stderr
     rec = json.loads((run / "retrain-lr" / "settings.json").read_text())
     assert rec["fingerprint"]["retrain.lr"] == 2e-3 and rec["config"]["retrain"]["lr"] == 2e-3
@@ -538,5 +538,5 @@ def test_retrain_compares_merged_and_unmerged_logits(finished_run, data_root, tm
     run = copy_run(finished_run, tmp_path)
     with pytest.raises(RuntimeError, match="merged model differs"):
         cli(*tiny_args(run, data_root, "retrain.dir=retrain-m", "retrain.epochs=0",
-                       "retrain.head_only_baseline=false"), "--stage", "retrain")
+                       "retrain.baselines=[]"), "--stage", "retrain")
     assert not (run / "retrain-m" / "model_merged.safetensors").exists()
