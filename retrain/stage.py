@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from common import dist
 from common.build import build_backbone, load_split, prepare_data, stage_dir, stream_batches
 from common.config import Config
 from common.engine import evaluate, resolve_device, set_threads
@@ -107,15 +108,17 @@ def run_retrain(cfg: Config, progress: bool = True) -> dict:
             Subnet.from_yaml(out / "subnet.yaml") != subnet:
         raise UserError(f"{out} holds the retrain of another subnet; keep it and retrain this one elsewhere "
                         f"with --set retrain.dir=retrain-2 (or delete {out})")
-    subnet.to_yaml(out / "subnet.yaml", space.specs, model=cfg.model.name)
+    if dist.is_main():
+        subnet.to_yaml(out / "subnet.yaml", space.specs, model=cfg.model.name)
     fit(model, named, train, _fit_spec(cfg, "retrain", fingerprint), out, device, progress=progress,
         head_names=head_names(model))
-    atomic_save_safetensors(out / "adapters.safetensors",
-                            {n: p for n, p in model.named_parameters() if p.requires_grad})
+    if dist.is_main():
+        atomic_save_safetensors(out / "adapters.safetensors",
+                                {n: p for n, p in model.named_parameters() if p.requires_grad})
 
     # merge, compare logits on a test batch, check keys against the untouched timm model
     model.eval()
-    x = next(iter(stream_batches(cfg, test_ds)))[0].to(device)
+    x = next(iter(stream_batches(cfg, test_ds, shard=False)))[0].to(device)  # the same batch on every rank
     with torch.no_grad():
         before = model(x).float()
     merged = merge_and_unload(copy.deepcopy(model))
@@ -129,7 +132,8 @@ def run_retrain(cfg: Config, progress: bool = True) -> dict:
     check_merged_keys(merged_sd, reference_backbone(cfg, num_classes))
     meta = {"model": cfg.model.name, "num_classes": str(num_classes), "kwargs": json.dumps(dict(cfg.model.kwargs)),
             "num_blocks": str(cfg.model.num_blocks)}
-    atomic_save_safetensors(out / MERGED, merged_sd, metadata=meta)
+    if dist.is_main():
+        atomic_save_safetensors(out / MERGED, merged_sd, metadata=meta)
     # the test split is scored once, on the merged model (what a user deploys); the adapted model computes the
     # same logits up to merge_max_abs_diff
     test_acc = evaluate(merged, stream_batches(cfg, test_ds), device, cfg.precision,
@@ -141,7 +145,8 @@ def run_retrain(cfg: Config, progress: bool = True) -> dict:
     metrics = {"test_acc": test_acc, "num_classes": num_classes,
                "adapter_params": adapter_params, "head_params": head_params, "merge_max_abs_diff": diff,
                "subnet": str(spath), "init": cfg.retrain.init, "head_only_test_acc": head_only}
-    atomic_write_json(out / METRICS, metrics)
+    if dist.is_main():
+        atomic_write_json(out / METRICS, metrics)
     _logger.info("retrain: test top-1 %.4f (merged model), %d adapter + %d head params, merge diff %.2e",
                  test_acc, adapter_params, head_params, diff)
     return dict(metrics, merged_file=str(out / MERGED))
