@@ -126,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         if dist.reports(e):  # under torchrun every rank stops, one prints
             print(f"error: {e}", file=sys.stderr)
+        else:
+            dist.linger()
         return 2
     except KeyboardInterrupt:
         if dist.is_main():

@@ -212,6 +212,21 @@ def main_first():
         yield
 
 
+def linger(seconds: float = 60.0) -> None:
+    """On a rank that stops silently: wait (up to ``seconds``) for torchrun to end the job, so that rank 0
+    prints its message before torchrun, seeing this rank exit first, stops it. torchrun's SIGTERM then ends
+    this rank with exit code 2, the code of the error it stopped for."""
+    if env_world_size() <= 1 or is_main():
+        return
+    import signal
+    import time
+
+    def _stop(signum, frame):
+        raise SystemExit(2)
+    signal.signal(signal.SIGTERM, _stop)
+    time.sleep(seconds)
+
+
 def reports(error: BaseException) -> bool:
     """Whether this rank prints ``error``: rank 0, or the rank that failed first on its own."""
     return bool(getattr(error, "report_here", False)) or is_main()
