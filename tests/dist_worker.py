@@ -4,8 +4,8 @@ SGD (momentum and weight decay) is linear in the gradient, so the weights of a d
 one process to float reduction order at every step; AdamW divides each gradient by its own running magnitude,
 which turns rounding noise in near-zero gradient entries into differences up to the learning rate.
 
-    python tests/dist_worker.py OUT [N_TRAIN]            # one process
-    torchrun --nproc_per_node 2 tests/dist_worker.py OUT  # same weights, written by rank 0
+    python tests/dist_worker.py OUT N_TRAIN...            # one process
+    torchrun --nproc_per_node 2 tests/dist_worker.py OUT N_TRAIN...  # same weights, written by rank 0
 """
 import sys
 from pathlib import Path
@@ -39,14 +39,14 @@ def run(out: str, n_train: int = 44) -> dict:
     spec = trainer.FitSpec(epochs=2, lr=0.05, weight_decay=0.1, batch_size=8, seed=3, desc="sgd")
     original, trainer.optimizer_for = trainer.optimizer_for, sgd_for
     try:
-        trainer.fit(sn, named, train, spec, Path(out) / "fit", torch.device("cpu"), progress=False,
+        trainer.fit(sn, named, train, spec, Path(out) / f"fit-{n_train}", torch.device("cpu"), progress=False,
                     before_step=lambda step: sn.sample_path(0, step))
     finally:
         trainer.optimizer_for = original
     state = {n: p.detach().clone() for n, p in named.items()}
     untouched = sorted(n for n in named if torch.equal(state[n], before[n]))
     if dist.is_main():
-        torch.save({"params": state, "untouched": untouched}, Path(out) / "weights.pt")
+        torch.save({"params": state, "untouched": untouched}, Path(out) / f"weights-{n_train}.pt")
     return state
 
 
@@ -54,6 +54,7 @@ if __name__ == "__main__":
     from common import dist
     dist.init("cpu", batch_size=8)
     try:
-        run(sys.argv[1], *(int(a) for a in sys.argv[2:]))
+        for n in sys.argv[2:]:
+            run(sys.argv[1], int(n))
     finally:
         dist.cleanup()
