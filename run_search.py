@@ -27,7 +27,8 @@ def setup_logging(output_dir: Path | None = None) -> None:
     if output_dir is not None and dist.is_main():
         output_dir.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(output_dir / "run.log"))
-    logging.basicConfig(level=logging.INFO if dist.is_main() else logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
+    logging.basicConfig(level=logging.INFO if dist.is_main() else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
                         handlers=handlers, force=True)
 
 
