@@ -18,7 +18,7 @@ def prepare_data(cfg) -> int:
     from data.vtab import num_classes
 
     from . import dist
-    with dist.main_first():  # under torchrun rank 0 writes a missing task, the others then read it
+    with dist.main_first():  # under torchrun the first rank of a node writes a missing task, the others read it
         ensure_task(cfg.data.root, cfg.data.task, prepare_missing=cfg.data.prepare_missing, seed=cfg.seed)
     return num_classes(cfg.data.root, cfg.data.task)
 
@@ -27,7 +27,7 @@ def build_backbone(cfg, num_classes: int) -> nn.Module:
     from data.backbones import create_backbone
 
     from . import dist
-    with dist.main_first():  # under torchrun rank 0 fills the weight caches (downloads, conversions) first
+    with dist.main_first():  # under torchrun the first rank of a node fills the weight caches first
         return create_backbone(cfg.model.name, num_classes=num_classes, pretrained=cfg.model.pretrained,
                                checkpoint=cfg.model.checkpoint, kwargs=dict(cfg.model.kwargs),
                                num_blocks=cfg.model.num_blocks)
