@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from common import dist
 from common.errors import UserError
 
 _logger = logging.getLogger("glora")
@@ -23,11 +24,13 @@ STAGES = ("supernet", "search", "retrain")
 
 
 def setup_logging(output_dir: Path | None = None) -> None:
+    """INFO to stdout and ``<output_dir>/run.log``; under torchrun the other ranks than 0 log warnings only."""
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
-    if output_dir is not None:
+    if output_dir is not None and dist.is_main():
         output_dir.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(output_dir / "run.log"))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
+    logging.basicConfig(level=logging.INFO if dist.is_main() else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
                         handlers=handlers, force=True)
 
 
@@ -74,19 +77,45 @@ def cmd_run(argv: list[str]) -> int:
         overrides.append(f"retrain.subnet={args.subnet}")
     cfg = load_config(args.config, overrides)
     if args.print_config:
-        import yaml
-        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        if dist.is_main():
+            import yaml
+            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
+    dist.init(cfg.device, cfg.data.batch_size)  # under torchrun: join the job (nothing without it)
     out = Path(cfg.output_dir)
     stages = STAGES if args.stage == "all" else (args.stage,)
     from common.preflight import preflight
-    preflight(cfg, stages)  # nothing is written before the command is accepted
+    with dist.together():  # a rank that refuses the command stops every rank
+        preflight(cfg, stages)  # nothing is written before the command is accepted
     setup_logging(out)
-    dump_config(cfg, out / "config.yaml")
-    _logger.info("config resolved and written to %s", out / "config.yaml")
+    if dist.is_main():
+        dump_config(cfg, out / "config.yaml")
+        _logger.info("config resolved and written to %s", out / "config.yaml")
+    check_shared_output(out)
+    if dist.world_size() > 1:
+        _logger.info("data parallel: %d processes (%s), global batch %d", dist.world_size(), dist.backend(),
+                     cfg.data.batch_size)
     from common.pipeline import run_stages
-    run_stages(cfg, stages, progress=not args.no_progress, skip_complete=args.stage == "all")
+    run_stages(cfg, stages, progress=not args.no_progress and dist.is_main(), skip_complete=args.stage == "all")
     return 0
+
+
+def check_shared_output(out: Path) -> None:
+    """Under torchrun every rank reads the files rank 0 writes (resume, next stage): output_dir must be one
+    folder for all of them (a shared file system across nodes)."""
+    if dist.world_size() == 1:
+        return
+    dist.barrier()
+    text = dist.broadcast_object((out / "config.yaml").read_text() if dist.is_main() else None)
+    try:
+        seen = (out / "config.yaml").read_text() == text
+    except OSError:
+        seen = False
+    bad = dist.failing_ranks(seen)
+    if bad:
+        raise UserError(f"output_dir {out}: rank(s) {', '.join(map(str, bad))} do not see the config.yaml rank 0 "
+                        "wrote; under torchrun every rank needs the same folder (on several nodes a shared "
+                        "file system)")
 
 
 def cmd_suite(argv: list[str]) -> int:
@@ -101,10 +130,12 @@ def cmd_suite(argv: list[str]) -> int:
     args = p.parse_args(argv)
     from common.suite import parse_tasks, run_suite, task_configs
     tasks = parse_tasks(args.tasks)
-    root, _ = task_configs(args.config, args.overrides, tasks)  # every task's config checked before any runs
+    root, cfgs = task_configs(args.config, args.overrides, tasks)  # every task's config checked before any runs
+    dist.init(cfgs[0].device, cfgs[0].data.batch_size)  # under torchrun: join the job (nothing without it)
     setup_logging(root)
-    run_suite(args.config, args.overrides, tasks, progress=not args.no_progress)
-    print(f"\n{(root / 'suite.md').read_text()}\nwrote {root / 'suite.md'} and {root / 'suite.csv'}")
+    run_suite(args.config, args.overrides, tasks, progress=not args.no_progress and dist.is_main())
+    if dist.is_main():
+        print(f"\n{(root / 'suite.md').read_text()}\nwrote {root / 'suite.md'} and {root / 'suite.csv'}")
     return 0
 
 
@@ -181,16 +212,25 @@ def main(argv: list[str] | None = None) -> int:
             return commands[argv[0]](argv[1:])
         return cmd_run(argv)
     except UserError as e:
-        print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, whatever the message holds
+        if dist.reports(e):  # under torchrun every rank stops, one prints
+            print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, whatever the message holds
+        else:
+            dist.linger()
         return 2
     except OSError as e:
         if e.errno not in USER_ERRNOS:
             raise
-        print(f"error: {os_error_line(e)}", file=sys.stderr)
+        if dist.reports(e):
+            print(f"error: {os_error_line(e)}", file=sys.stderr)
+        else:
+            dist.linger()
         return 2
     except KeyboardInterrupt:
-        print("interrupted: rerun the same command to continue where it stopped", file=sys.stderr)
+        if dist.is_main():
+            print("interrupted: rerun the same command to continue where it stopped", file=sys.stderr)
         return 130
+    finally:
+        dist.cleanup()
 
 
 if __name__ == "__main__":

@@ -16,15 +16,21 @@ def prepare_data(cfg) -> int:
     """Make sure the task folder exists (generating an offline task on first use); return the class count."""
     from data.offline import ensure_task
     from data.vtab import num_classes
-    ensure_task(cfg.data.root, cfg.data.task, prepare_missing=cfg.data.prepare_missing, seed=cfg.seed)
+
+    from . import dist
+    with dist.main_first():  # under torchrun the first rank of a node writes a missing task, the others read it
+        ensure_task(cfg.data.root, cfg.data.task, prepare_missing=cfg.data.prepare_missing, seed=cfg.seed)
     return num_classes(cfg.data.root, cfg.data.task)
 
 
 def build_backbone(cfg, num_classes: int) -> nn.Module:
     from data.backbones import create_backbone
-    return create_backbone(cfg.model.name, num_classes=num_classes, pretrained=cfg.model.pretrained,
-                           checkpoint=cfg.model.checkpoint, kwargs=dict(cfg.model.kwargs),
-                           num_blocks=cfg.model.num_blocks)
+
+    from . import dist
+    with dist.main_first():  # under torchrun the first rank of a node fills the weight caches first
+        return create_backbone(cfg.model.name, num_classes=num_classes, pretrained=cfg.model.pretrained,
+                               checkpoint=cfg.model.checkpoint, kwargs=dict(cfg.model.kwargs),
+                               num_blocks=cfg.model.num_blocks)
 
 
 def input_size(cfg, model: nn.Module) -> int:
@@ -50,7 +56,12 @@ def load_split(cfg, model: nn.Module, split: str, in_memory: bool = True, progre
                                       num_workers=cfg.data.num_workers, progress=progress)
 
 
-def stream_batches(cfg, dataset):
+def stream_batches(cfg, dataset, shard: bool = True):
+    """Batches of a streaming split in file order; under torchrun (``shard``) only this rank's items, so no
+    rank decodes the whole split (``evaluate`` sums the counts over ranks)."""
+    from . import dist
+    if shard and dist.world_size() > 1:
+        dataset = torch.utils.data.Subset(dataset, dist.shard_indices(len(dataset)))
     return torch.utils.data.DataLoader(dataset, batch_size=cfg.data.eval_batch_size, shuffle=False,
                                        num_workers=cfg.data.num_workers)
 

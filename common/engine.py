@@ -8,15 +8,17 @@ from typing import Iterable, Iterator, Sequence
 import torch
 import torch.nn as nn
 
+from . import dist
 from .errors import UserError
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto``: CUDA when available, else the CPU. Under torchrun a CUDA device is the rank's own GPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return dist.rank_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device {name!r}: CUDA is not available here; use device: cpu or auto")
-    return torch.device(name)
+    return dist.rank_device(torch.device(name))
 
 
 def autocast(device: torch.device, precision: str):
@@ -37,7 +39,10 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float, min_lr
 
 class InMemorySplit:
     """A split decoded and transformed once and kept as tensors (VTAB-1k uses no augmentation, so every
-    epoch would decode the same images to the same tensors). Batches in a seeded order per epoch."""
+    epoch would decode the same images to the same tensors). Batches in a seeded order per epoch.
+
+    Under torchrun every rank holds the split and ``batches`` yields this rank's part of each global batch
+    (the global order and batch count do not depend on the world size)."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor):
         self.images, self.labels = images, labels
@@ -61,8 +66,11 @@ class InMemorySplit:
         return n // batch_size if drop_last else math.ceil(n / batch_size)
 
     def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0, epoch: int = 0,
-                drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                drop_last: bool = False, shard: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Global batches of ``batch_size``; with ``shard`` (under torchrun) this rank's slice of each one,
+        possibly empty when a batch has fewer samples than there are ranks."""
         n = len(self)
+        shard = shard and dist.world_size() > 1
         if shuffle:
             g = torch.Generator().manual_seed(int(seed) * 100003 + int(epoch))
             order = torch.randperm(n, generator=g)
@@ -70,6 +78,9 @@ class InMemorySplit:
             order = torch.arange(n)
         for i in range(self.num_batches(batch_size, drop_last)):
             idx = order[i * batch_size:(i + 1) * batch_size]
+            if shard:
+                lo, hi = dist.shard_range(len(idx))
+                idx = idx[lo:hi]
             yield self.images[idx], self.labels[idx]
 
 
@@ -77,10 +88,13 @@ class InMemorySplit:
 def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
              precision: str = "fp32", max_batches: int = 0, desc: str = "") -> float:
     """Top-1 accuracy (fraction) over ``batches``; restores the model's train/eval mode.
-    ``desc`` shows a progress bar with that label (for long splits)."""
+    ``desc`` shows a progress bar with that label (for long splits).
+
+    Under torchrun ``batches`` are this rank's shards (``InMemorySplit.batches``, ``build.stream_batches``)
+    and the correct and total counts are summed over ranks: every rank returns the one-process score."""
     if desc:
         from .progress import progress_bar
-        batches = progress_bar(batches, desc=desc)
+        batches = progress_bar(batches, desc=desc, enabled=dist.is_main())
     was_training = model.training
     model.eval()
     correct = total = 0
@@ -88,6 +102,8 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
         for i, (x, y) in enumerate(batches):
             if max_batches and i >= max_batches:
                 break
+            if len(y) == 0:  # an empty shard
+                continue
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast(device, precision):
                 logits = model(x)
@@ -95,6 +111,7 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
             total += int(y.numel())
     finally:
         model.train(was_training)
+    correct, total = dist.all_reduce_sum([correct, total], dtype=torch.int64)
     return correct / max(total, 1)
 
 

@@ -6,6 +6,7 @@ import logging
 import time
 from pathlib import Path
 
+from . import dist
 from .config import Config
 from .io import atomic_write_json
 from .preflight import record_settings
@@ -31,18 +32,23 @@ def run_stages(cfg: Config, stages, progress: bool = True, skip_complete: bool =
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     for stage in stages:
         complete, run = fns[stage]
-        if skip_complete and complete(cfg):
+        if skip_complete and dist.agree(complete(cfg)):  # rank 0's reading decides for every rank
             _logger.info("%s: already complete, skipped (delete %s to redo it)", stage, out / stage)
             continue
         _logger.info("%s: starting", stage)
-        record_settings(cfg, stage)  # what this stage folder is made with, checked by every later run
+        if dist.is_main():
+            record_settings(cfg, stage)  # what this stage folder is made with, checked by every later run
         t0 = time.time()
         result = run(cfg, progress=progress)
         result["time_s"] = round(time.time() - t0, 1)
+        result["world_size"], result["backend"] = dist.world_size(), dist.backend()
         summary[stage] = result
-        atomic_write_json(summary_path, summary)
+        if dist.is_main():
+            atomic_write_json(summary_path, summary)
+        dist.barrier()  # the next stage reads what rank 0 wrote
         _logger.info("%s: done in %.1f s", stage, result["time_s"])
-    print_summary(cfg, summary)
+    if dist.is_main():
+        print_summary(cfg, summary)
     return summary
 
 

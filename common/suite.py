@@ -8,6 +8,7 @@ import json
 import logging
 from pathlib import Path
 
+from . import dist
 from .config import load_config
 from .errors import UserError
 from .io import atomic_write_text
@@ -50,11 +51,14 @@ def run_suite(config: str | None, overrides: list[str], tasks: list[str], progre
     for i, cfg in enumerate(cfgs):
         _logger.info("suite: task %s (%d/%d) into %s", cfg.data.task, i + 1, len(cfgs), cfg.output_dir)
         from .config import dump_config
-        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, Path(cfg.output_dir) / "config.yaml")
+        if dist.is_main():  # under torchrun rank 0 writes, every rank runs the stages
+            Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, Path(cfg.output_dir) / "config.yaml")
         summary = run_stages(cfg, STAGE_NAMES, progress=progress, skip_complete=True)
         rows.append(task_row(cfg.data.task, summary))
-        write_tables(root, rows)  # after every task, so a long suite stopped early keeps its table
+        if dist.is_main():
+            write_tables(root, rows)  # after every task, so a long suite stopped early keeps its table
+    dist.barrier()
     return rows
 
 

@@ -4,6 +4,10 @@ Data order is a function of ``(seed, epoch)`` and the global RNG is reseeded per
 so a run killed at any moment and rerun resumes from its last epoch checkpoint and ends with exactly the
 weights of an uninterrupted run (on the CPU). The per-epoch log line is written before the checkpoint, and a
 resume drops log lines the checkpoint does not cover.
+
+Under torchrun each rank computes its slice of every global batch (``InMemorySplit.batches``), scales its
+summed loss by the global batch size and the gradients are summed over ranks: the step of one process, up to
+float reduction order. Only rank 0 writes the log and the checkpoint; every rank resumes from that checkpoint.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import dist
 from .checkpoint import CHECKPOINT, checkpoint_info, load_checkpoint, save_checkpoint
 from .engine import InMemorySplit, autocast, lr_at
 from .errors import UserError
@@ -101,12 +106,16 @@ def fit(model: nn.Module, named_params: dict[str, nn.Parameter], train: InMemory
         start = state["epoch"]
     log_path = out_dir / LOG
     kept = [r for r in read_jsonl(log_path) if r.get("epoch", 0) <= start]
-    atomic_write_text(log_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+    if dist.is_main():
+        atomic_write_text(log_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+    world = dist.world_size()
+    progress = progress and dist.is_main()
 
     model.train()
     lr = spec.lr
     for epoch in range(start, spec.epochs):
-        torch.manual_seed(spec.seed * 1_000_003 + epoch)
+        # dropout / drop path masks: each rank its own stream (rank 0's is the one-process stream)
+        torch.manual_seed(spec.seed * 1_000_003 + epoch + 7_919 * dist.rank() * (world > 1))
         bar = progress_bar(total=steps_per_epoch, desc=f"{spec.desc} {epoch + 1}/{spec.epochs}", enabled=progress)
         loss_sum, seen, correct = 0.0, 0, 0
         for i, (x, y) in enumerate(train.batches(bs, shuffle=True, seed=spec.seed, epoch=epoch,
@@ -120,29 +129,47 @@ def fit(model: nn.Module, named_params: dict[str, nn.Parameter], train: InMemory
             if before_step is not None:
                 before_step(step)
             x, y = x.to(device), y.to(device)
-            with autocast(device, spec.precision):
-                logits = model(x)
-            loss = F.cross_entropy(logits.float(), y)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if world > 1:  # this rank's share of the mean over the global batch; grads summed over ranks
+                global_n = min(bs, len(train) - i * bs)
+                if len(y):
+                    with autocast(device, spec.precision):
+                        logits = model(x)
+                    loss = F.cross_entropy(logits.float(), y, reduction="sum") / global_n
+                    loss.backward()
+                else:  # an empty shard (a global batch smaller than the world)
+                    logits, loss = torch.zeros(0, 1, device=device), torch.zeros((), device=device)
+                dist.all_reduce_grads(params)
+                loss = loss * global_n / max(len(y), 1)  # the shard's mean, for the statistics below
+            else:
+                with autocast(device, spec.precision):
+                    logits = model(x)
+                loss = F.cross_entropy(logits.float(), y)
+                loss.backward()
             if spec.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, spec.grad_clip)
             opt.step()
             loss_sum += float(loss.detach()) * len(y)
             seen += len(y)
             correct += int((logits.detach().argmax(-1) == y).sum())
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", lr=f"{lr:.1e}")
+            bar.set_postfix(loss=f"{loss_sum / max(seen, 1):.3f}", lr=f"{lr:.1e}")
             bar.update(1)
         bar.close()
+        if world > 1:
+            loss_sum, seen, correct = dist.all_reduce_sum([loss_sum, seen, correct])
+            seen, correct = int(seen), int(correct)
         record = {"epoch": epoch + 1, "loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
                   "lr": lr}
         if after_epoch is not None:
             record.update(after_epoch(epoch))
             model.train()
+        if not dist.is_main():  # rank 0 writes the log and the checkpoint
+            continue
         append_jsonl(log_path, record)
         save_checkpoint(ckpt, {"epoch": epoch + 1, "fingerprint": fingerprint, "optimizer": opt.state_dict(),
                                "params": {k: v.detach().cpu().clone() for k, v in named_params.items()}})
-    if spec.epochs == 0 and not ckpt.is_file():
+    if spec.epochs == 0 and not ckpt.is_file() and dist.is_main():
         save_checkpoint(ckpt, {"epoch": 0, "fingerprint": fingerprint, "optimizer": opt.state_dict(),
                                "params": {k: v.detach().cpu().clone() for k, v in named_params.items()}})
+    dist.barrier()  # the other ranks read the log (and the next stage the files) once rank 0 wrote them
     return read_jsonl(log_path)

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from common import dist
 from common.build import build_backbone, load_split, prepare_data, stage_dir, stream_batches
 from common.checkpoint import CHECKPOINT
 from common.config import Config
@@ -146,10 +147,13 @@ def _has_feature_head(model: nn.Module) -> bool:
 @torch.no_grad()
 def head_features(model: nn.Module, split: InMemorySplit, device: torch.device, precision: str,
                   batch_size: int) -> InMemorySplit:
-    """The frozen backbone's pre-logits features of a split (same order and labels), computed once."""
+    """The frozen backbone's pre-logits features of a split (same order and labels), computed once.
+
+    Under torchrun every rank computes the features of the whole split (``shard=False``), so the feature split
+    is the image split's twin on every rank and ``fit`` / ``evaluate`` slice it per rank as they slice images."""
     model.eval()
     feats = []
-    for x, _ in split.batches(batch_size):
+    for x, _ in split.batches(batch_size, shard=False):
         with autocast(device, precision):
             f = model.forward_head(model.forward_features(x.to(device)), pre_logits=True)
         feats.append(f.float().cpu())
@@ -175,6 +179,16 @@ def _lr_tag(lr: float) -> str:
     return f"lr{lr:.3g}"
 
 
+def _stored_val_acc(done: Path, fingerprint: dict) -> float | None:
+    """The val200 score a finished grid point kept in ``val.json``; None when there is none for these settings."""
+    if not done.is_file():
+        return None
+    rec = json.loads(done.read_text())
+    if rec.get("fingerprint") != json.loads(json.dumps(fingerprint)):
+        return None
+    return float(rec["val_acc"])
+
+
 def select_lr(cfg: Config, method: Method, num_classes: int, train800, val200, out: Path,
               device: torch.device, progress: bool, always: bool = False) -> tuple[float, dict[str, float], float]:
     """The VTAB-1k protocol: train on train800 with each ``retrain.lr_grid`` value, score val200, keep the best
@@ -191,18 +205,18 @@ def select_lr(cfg: Config, method: Method, num_classes: int, train800, val200, o
         d = out / "select" / f"{method.key}_{_lr_tag(lr)}"
         done = d / "val.json"
         fp = dict(method.fingerprint(cfg), split="train800", lr=lr)
-        if done.is_file():
-            rec = json.loads(done.read_text())
-            if rec.get("fingerprint") == json.loads(json.dumps(fp)):
-                scores[repr(lr)] = float(rec["val_acc"])
-                continue
+        stored = dist.on_main(lambda: _stored_val_acc(done, fp))  # rank 0's reading decides for every rank
+        if stored is not None:
+            scores[repr(lr)] = stored
+            continue
         model = method.build(cfg, num_classes, device)
         net, (tr, va) = trainable_view(cfg, method, model, [train800, val200], device, feats)
         named = {n: p for n, p in model.named_parameters() if p.requires_grad}
         fit(net, named, tr, _fit_spec(cfg, f"{method.key} {_lr_tag(lr)} (train800)", fp, lr=lr), d,
             device, progress=progress, head_names=head_names(model))
-        acc = evaluate(net, va.batches(cfg.data.eval_batch_size), device, cfg.precision)
-        atomic_write_json(done, {"val_acc": acc, "lr": lr, "fingerprint": fp})
+        acc = evaluate(net, va.batches(cfg.data.eval_batch_size), device, cfg.precision)  # the same on every rank
+        if dist.is_main():
+            atomic_write_json(done, {"val_acc": acc, "lr": lr, "fingerprint": fp})
         scores[repr(lr)] = acc
         _logger.info("%s: lr %.3g -> val200 top-1 %.4f", method.label, lr, acc)
     best = max(grid, key=lambda v: (scores[repr(v)], -v))
@@ -264,8 +278,8 @@ def run_retrain(cfg: Config, progress: bool = True) -> dict:
         glora, subnet = best["method"], best["method"].subnet
         _logger.info("retrain: top-%d subnet of the search chosen on val200 (%.4f)", best["rank"], best["val_acc"])
     adapter_params = space.params(subnet)
-    if (out / CHECKPOINT).is_file() and (out / "subnet.yaml").is_file() and \
-            Subnet.from_yaml(out / "subnet.yaml") != subnet:
+    if dist.on_main(lambda: (out / CHECKPOINT).is_file() and (out / "subnet.yaml").is_file() and
+                    Subnet.from_yaml(out / "subnet.yaml") != subnet):  # rank 0 reads it, before it writes it below
         raise UserError(f"{out} holds the retrain of another subnet; keep it and retrain this one elsewhere "
                         f"with --set retrain.dir=retrain-2 (or delete {out})")
     methods = [glora]
@@ -280,16 +294,18 @@ def run_retrain(cfg: Config, progress: bool = True) -> dict:
             methods.append(Method("lora", f"LoRA r={lora_rank_used}", lsub, "scratch"))
         elif b == "head":
             methods.append(Method("head", "head only", None, "scratch"))
-    subnet.to_yaml(out / "subnet.yaml", space.specs, model=cfg.model.name)
+    if dist.is_main():
+        subnet.to_yaml(out / "subnet.yaml", space.specs, model=cfg.model.name)
 
     # GLoRA: lr on val200, train800val200, merge, test once on the merged model
     model, info = run_method(cfg, methods[0], num_classes, splits, out, device, progress)
     if cand_info:
         info["select_time_s"] = round(sum(c["select_time_s"] for c in cand_info), 1)
-    atomic_save_safetensors(out / "adapters.safetensors",
-                            {n: p for n, p in model.named_parameters() if p.requires_grad})
+    if dist.is_main():
+        atomic_save_safetensors(out / "adapters.safetensors",
+                                {n: p for n, p in model.named_parameters() if p.requires_grad})
     model.eval()
-    x = next(iter(stream_batches(cfg, test_ds)))[0].to(device)
+    x = next(iter(stream_batches(cfg, test_ds, shard=False)))[0].to(device)  # the same batch on every rank
     with torch.no_grad():
         before = model(x).float()
     merged = merge_and_unload(copy.deepcopy(model))
@@ -303,7 +319,8 @@ def run_retrain(cfg: Config, progress: bool = True) -> dict:
     check_merged_keys(merged_sd, reference_backbone(cfg, num_classes))
     meta = {"model": cfg.model.name, "num_classes": str(num_classes), "kwargs": json.dumps(dict(cfg.model.kwargs)),
             "num_blocks": str(cfg.model.num_blocks)}
-    atomic_save_safetensors(out / MERGED, merged_sd, metadata=meta)
+    if dist.is_main():
+        atomic_save_safetensors(out / MERGED, merged_sd, metadata=meta)
     # the test split is scored once, on the merged model (what a user deploys); the adapted model computes the
     # same logits up to merge_max_abs_diff
     t0 = time.time()
@@ -333,7 +350,9 @@ def run_retrain(cfg: Config, progress: bool = True) -> dict:
                "candidates": [{k: v for k, v in c.items() if k != "method"} for c in cand_info],
                "search_rank": next((c["rank"] for c in cand_info if c["method"] is glora), 1),
                "head_only_test_acc": baselines.get("head", {}).get("test_acc")}
-    atomic_write_json(out / METRICS, metrics)
+    if dist.is_main():
+        atomic_write_json(out / METRICS, metrics)
+    dist.barrier()  # the files are there for every rank (and the next command) once run_retrain returns
     _logger.info("retrain: test top-1 %.4f (merged model), %d adapter + %d head params, merge diff %.2e",
                  test_acc, adapter_params, info["head_params"], diff)
     return dict(metrics, merged_file=str(out / MERGED))

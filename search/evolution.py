@@ -21,6 +21,7 @@ from typing import Callable
 
 import numpy as np
 
+from common import dist
 from common.errors import UserError
 from common.io import append_jsonl, atomic_write_json, atomic_write_text, atomic_write_yaml, read_jsonl
 from supernet.space import LayerChoice, SearchSpace, Subnet
@@ -108,6 +109,9 @@ class EvolutionSearcher:
 
     ``min_params`` / ``max_params`` are absolute adapter parameter counts. ``score_fn(subnet) -> float`` is
     called at most once per distinct subnet, and never for a subnet outside the budget.
+
+    Under torchrun every rank runs the same searcher in lockstep (same files read, same draws, and a
+    ``score_fn`` that returns the same value on every rank); only rank 0 writes the files.
     """
 
     def __init__(self, space: SearchSpace, score_fn: Callable[[Subnet], float], *, min_params: int,
@@ -153,7 +157,7 @@ class EvolutionSearcher:
                 "layers": _layers_json(cand.subnet)}
 
     def _write_state(self, population: list[Subnet], finished: bool = False) -> None:
-        if self.out_dir is None:
+        if self.out_dir is None or not dist.is_main():
             return
         state = {
             "version": STATE_VERSION, "settings": self._settings(), "generation": self.generation,
@@ -200,7 +204,8 @@ class EvolutionSearcher:
         if state.get("finished") and self.generation < self.generations:
             log.info("extending the finished search in %s from %d to %d generations", self.out_dir,
                      self.generation, self.generations)
-            self._path("done").unlink(missing_ok=True)
+            if dist.is_main():
+                self._path("done").unlink(missing_ok=True)
             return False
         return bool(state.get("finished"))
 
@@ -222,11 +227,12 @@ class EvolutionSearcher:
                 self._pending[key] = score
             kept.append(r)
         self.history = kept
-        atomic_write_text(self._path("history.jsonl"),
-                          "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+        if dist.is_main():
+            atomic_write_text(self._path("history.jsonl"),
+                              "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
 
     def _write_final(self) -> None:
-        if self.out_dir is None:
+        if self.out_dir is None or not dist.is_main():
             return
         best = self.topk()[0]
         best.subnet.to_yaml(self._path("subnet.yaml"), self.space.specs, model=self.model_name,
@@ -259,7 +265,7 @@ class EvolutionSearcher:
         if not reused:
             rec = self._record(cand)
             self.history.append(rec)
-            if self.out_dir is not None:
+            if self.out_dir is not None and dist.is_main():
                 append_jsonl(self._path("history.jsonl"), rec)
         return cand
 
@@ -307,7 +313,9 @@ class EvolutionSearcher:
 
     def run(self) -> SearchResult:
         check_budget(self.space, self.min_params, self.max_params)
-        if self._load():
+        finished = self._load()
+        dist.barrier()  # every rank has read the files before rank 0 writes again
+        if finished:
             log.info("search in %s is finished: returning the stored result", self.out_dir)
             if not all(self._path(f).is_file() for f in FINAL_FILES):
                 log.info("search in %s: writing the final files a stopped run left out", self.out_dir)
@@ -316,7 +324,8 @@ class EvolutionSearcher:
         bar = None
         if self.progress:
             from common.progress import progress_bar
-            bar = progress_bar(total=self.generations, initial=self.generation, desc="search", unit="gen")
+            bar = progress_bar(total=self.generations, initial=self.generation, desc="search", unit="gen",
+                               enabled=dist.is_main())
         try:
             while self.generation < self.generations:
                 population = self._draw_generation()

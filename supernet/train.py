@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common import dist
 from common.build import build_supernet, load_split, prepare_data, stage_dir
 from common.config import Config
 from common.engine import evaluate, resolve_device, set_threads
@@ -80,8 +81,9 @@ def train_supernet(cfg: Config, progress: bool = True) -> dict:
             sn.sample_path(cfg.seed, step)
     log = fit(sn, named, train, spec, out, device, before_step=set_path,
               after_epoch=probe, progress=progress, head_names=head_names(sn.model))
-    atomic_save_safetensors(out / ADAPTERS, sn.trainable_state_dict(),
-                            metadata={"epochs": str(s.epochs), "num_classes": str(num_classes)})
+    if dist.is_main():
+        atomic_save_safetensors(out / ADAPTERS, sn.trainable_state_dict(),
+                                metadata={"epochs": str(s.epochs), "num_classes": str(num_classes)})
     return {"epochs": s.epochs, "adapter_file": str(out / ADAPTERS), "num_classes": num_classes,
             "final_probe_val_acc": log[-1].get("probe_val_acc", []) if log else [],
             "supernet_adapter_elements": sum(p.numel() for p in sn.adapter_parameters())}
