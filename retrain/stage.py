@@ -44,7 +44,7 @@ def build_compact_model(cfg: Config, subnet: Subnet, num_classes: int,
     """The backbone with only the subnet's tensors, initialised per ``retrain.init``; and the layer space."""
     g = cfg.glora
     if cfg.retrain.init == "supernet":
-        from search.stage import load_trained_supernet
+        from supernet.train import load_trained_supernet
         sn = load_trained_supernet(cfg, num_classes, device)
         space = sn.space
         space.check_subnet(subnet, max_rank=space.max_rank)

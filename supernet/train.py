@@ -13,9 +13,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import torch
+from safetensors.torch import load_file
+
 from common.build import build_supernet, load_split, prepare_data, stage_dir
 from common.config import Config
 from common.engine import evaluate, resolve_device, set_threads
+from common.errors import UserError
 from common.io import atomic_save_safetensors
 from common.trainer import FitSpec, checkpoint_epoch, fit
 from supernet.inject import head_names
@@ -29,6 +33,20 @@ PROBE_SEED_OFFSET = 7_919  # probe paths come from a seed apart from the trainin
 def supernet_complete(cfg: Config) -> bool:
     out = Path(cfg.output_dir) / "supernet"
     return (out / ADAPTERS).is_file() and checkpoint_epoch(out) >= cfg.supernet.epochs
+
+
+def load_trained_supernet(cfg: Config, num_classes: int, device: torch.device):
+    """The supernet of ``cfg`` with the adapters and head of its finished supernet stage, on ``device``.
+    Raises UserError when the stage has not finished or its file does not fit the config."""
+    path = Path(cfg.output_dir) / "supernet" / ADAPTERS
+    if not path.is_file() or not supernet_complete(cfg):
+        raise UserError(f"no trained supernet in {path.parent}: run --stage supernet first (same config)")
+    sn = build_supernet(cfg, num_classes)
+    try:
+        sn.load_trainable_state_dict(load_file(path))
+    except ValueError as e:
+        raise UserError(f"{path} does not fit this config's model/search space: {e}") from None
+    return sn.to(device)
 
 
 def train_supernet(cfg: Config, progress: bool = True) -> dict:
