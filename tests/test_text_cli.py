@@ -1,0 +1,102 @@
+"""The CLI on a text task with a Hugging Face model (model.source: hf), end to end and offline.
+
+The test writes a tiny BERT sequence classifier with random weights and a word-level tokenizer trained on its own
+corpus into a save_pretrained folder, and a generated text task in the VTAB-1k layout (jsonl splits).
+"""
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+WORDS = ["red", "green", "blue", "cat", "dog", "bird", "runs", "sleeps", "sings", "the", "a", "very"]
+MAX_LEN = 8
+
+
+def make_task(root, rng):
+    """Class = whether the sentence names an animal that sings (1) or not (0): learnable from the words."""
+    task = root / "words"
+    task.mkdir(parents=True)
+    sizes = {"train800": 48, "val200": 16, "test": 24}
+    splits = {}
+    for split, n in sizes.items():
+        rows = []
+        for _ in range(n):
+            words = [WORDS[int(i)] for i in rng.integers(0, len(WORDS), size=int(rng.integers(3, 7)))]
+            rows.append({"text": " ".join(words), "label": int("sings" in words)})
+        splits[split] = rows
+    splits["train800val200"] = splits["train800"] + splits["val200"]
+    for split, rows in splits.items():
+        (task / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return task, splits
+
+
+def make_model_folder(folder):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([" ".join(WORDS)], trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]"]))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=len(fast), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=32, max_position_embeddings=16, pad_token_id=fast.pad_token_id)
+    transformers.BertModel(cfg).save_pretrained(folder)     # a base model: the classifier head starts fresh
+    fast.save_pretrained(folder)
+    return fast
+
+
+def test_text_task_end_to_end(cli, tmp_path):
+    import numpy as np
+    task, splits = make_task(tmp_path / "text", np.random.default_rng(0))
+    tok = make_model_folder(tmp_path / "bert-tiny")
+    out = tmp_path / "run"
+    sets = {"output_dir": out, "model.checkpoint": tmp_path / "bert-tiny", "data.root": tmp_path / "text",
+            "data.task": "words", "data.max_length": MAX_LEN, "data.batch_size": 8, "data.eval_batch_size": 16,
+            "device": "cpu", "threads": 1, "glora.target_modules": "[query, value, dense]",
+            "supernet.epochs": 2, "supernet.lr": 1e-2, "supernet.probe_paths": 1, "search.generations": 2,
+            "search.population": 6, "search.select": 2, "search.mutation": 2, "search.crossover": 2,
+            "retrain.epochs": 2, "retrain.lr": 1e-2, "retrain.baselines": "[]"}
+    args = ["--config", "text", "--no-progress"]
+    for k, v in sets.items():
+        args += ["--set", f"{k}={v}"]
+    r = cli(*args)
+    assert r.returncode == 0, r.stderr
+    metrics = json.loads((out / "retrain" / "metrics.json").read_text())
+    assert metrics["merge_max_abs_diff"] < 1e-3 and metrics["num_classes"] == 2
+    subnet = (out / "search" / "subnet.yaml").read_text()
+    assert "bert.encoder.layer.0.attention.self.query" in subnet and "classifier" not in subnet
+
+    # the merged folder is a plain Hugging Face model + tokenizer: its test accuracy is the reported one
+    folder = out / "retrain" / "merged"
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    test = splits["test"]
+    enc = tok([r["text"] for r in test], padding="max_length", truncation=True, max_length=MAX_LEN,
+              return_tensors="pt")
+    with torch.no_grad():
+        pred = model(**enc).logits.argmax(-1)
+    acc = float((pred == torch.tensor([r["label"] for r in test])).float().mean())
+    assert abs(acc - metrics["test_acc"]) < 1e-6
+    adapters = sum(p.numel() for p in model.parameters())
+    ref = transformers.BertForSequenceClassification(model.config)
+    assert adapters == sum(p.numel() for p in ref.parameters())   # merged: the base architecture's size
+
+
+def test_text_task_errors(cli, tmp_path):
+    import numpy as np
+    make_task(tmp_path / "text", np.random.default_rng(0))
+    make_model_folder(tmp_path / "m")
+    base = ["--config", "text", "--no-progress", "--set", f"output_dir={tmp_path / 'o'}",
+            "--set", f"data.root={tmp_path / 'text'}", "--set", "data.task=words", "--set", "device=cpu"]
+    r = cli(*base, "--set", f"model.checkpoint={tmp_path / 'nothing'}")
+    assert r.returncode == 2 and "not a folder written by save_pretrained" in r.stderr, r.stderr
+    r = cli(*base, "--set", "model.source=onnx")
+    assert r.returncode == 2 and "model.source" in r.stderr, r.stderr
+    r = cli(*base, "--set", f"model.checkpoint={tmp_path / 'm'}", "--set", "data.max_length=64")
+    assert r.returncode == 2 and "exceed the 16 positions" in r.stderr, r.stderr
+    (tmp_path / "text" / "words" / "train800.jsonl").write_text('{"text": "a", "label": "x"}\n')
+    r = cli(*base, "--set", f"model.checkpoint={tmp_path / 'm'}", "--set", "data.max_length=8")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "train800.jsonl:1: label 'x' is not an integer" in r.stderr, r.stderr
