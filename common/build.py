@@ -108,15 +108,9 @@ def stream_batches(cfg, dataset):
 
 
 def build_supernet(cfg, num_classes: int):
-    """Backbone with GLoRA super-layers injected into ``glora.target_modules``."""
-    from supernet.wrapper import GloraSupernet
-    torch.manual_seed(cfg.seed)  # head initialisation
-    model = build_backbone(cfg, num_classes)
-    torch.manual_seed(cfg.seed + 1)  # adapter initialisation, whatever loading the weights drew
-    return GloraSupernet(model, target_modules=list(cfg.glora.target_modules), ranks=list(cfg.glora.ranks),
-                         choices_ab=list(cfg.glora.choices_ab), choices_c=list(cfg.glora.choices_c),
-                         choices_de=list(cfg.glora.choices_de), parametrisation=cfg.glora.parametrisation,
-                         a_lora_scale=cfg.glora.a_lora_scale)
+    """Kept for callers of the earlier location: the supernet is built by :func:`supernet.train.build_supernet`."""
+    from supernet.train import build_supernet as build
+    return build(cfg, num_classes)
 
 
 def stage_dir(cfg, stage: str) -> Path:

@@ -16,13 +16,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from common.build import build_supernet, load_split, prepare_data, stage_dir
+from common.build import build_backbone, load_split, prepare_data, stage_dir
 from common.config import Config
 from common.engine import evaluate, resolve_device, set_threads
 from common.errors import UserError
 from common.io import atomic_save_safetensors
 from common.trainer import FitSpec, checkpoint_epoch, fit
 from supernet.inject import head_names
+from supernet.wrapper import GloraSupernet
 
 _logger = logging.getLogger(__name__)
 
@@ -33,6 +34,22 @@ PROBE_SEED_OFFSET = 7_919  # probe paths come from a seed apart from the trainin
 def supernet_complete(cfg: Config) -> bool:
     out = Path(cfg.output_dir) / "supernet"
     return (out / ADAPTERS).is_file() and checkpoint_epoch(out) >= cfg.supernet.epochs
+
+
+def glora_options(glora) -> dict:
+    """The ``GloraSupernet`` keyword arguments of a config's ``glora`` section (plain lists and values)."""
+    return dict(target_modules=list(glora.target_modules), ranks=list(glora.ranks),
+                choices_ab=list(glora.choices_ab), choices_c=list(glora.choices_c),
+                choices_de=list(glora.choices_de), parametrisation=glora.parametrisation,
+                a_lora_scale=glora.a_lora_scale)
+
+
+def build_supernet(cfg: Config, num_classes: int) -> GloraSupernet:
+    """The backbone of ``cfg`` with GLoRA super-layers injected into ``glora.target_modules``."""
+    torch.manual_seed(cfg.seed)  # head initialisation
+    model = build_backbone(cfg, num_classes)
+    torch.manual_seed(cfg.seed + 1)  # adapter initialisation, whatever loading the weights drew
+    return GloraSupernet(model, **glora_options(cfg.glora))
 
 
 def load_trained_supernet(cfg: Config, num_classes: int, device: torch.device):
