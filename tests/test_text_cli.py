@@ -33,28 +33,38 @@ def make_task(root, rng):
     return task, splits
 
 
-def make_model_folder(folder):
+def make_model_folder(folder, arch="bert"):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.train_from_iterator([" ".join(WORDS)], trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]"]))
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]")
     torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=len(fast), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                  intermediate_size=32, max_position_embeddings=16, pad_token_id=fast.pad_token_id)
-    transformers.BertModel(cfg).save_pretrained(folder)     # a base model: the classifier head starts fresh
+    if arch == "bert":
+        cfg = transformers.BertConfig(vocab_size=len(fast), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                      intermediate_size=32, max_position_embeddings=16, pad_token_id=fast.pad_token_id)
+        transformers.BertModel(cfg).save_pretrained(folder)     # a base model: the classifier head starts fresh
+    else:  # LLaMA-style: bias-free projections, no pad_token_id in the config (read from the tokenizer)
+        cfg = transformers.LlamaConfig(vocab_size=len(fast), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16)
+        transformers.LlamaModel(cfg).save_pretrained(folder)
     fast.save_pretrained(folder)
     return fast
 
 
-def test_text_task_end_to_end(cli, tmp_path):
+TARGETS = {"bert": ("[query, value, dense]", "bert.encoder.layer.0.attention.self.query"),
+           "llama": ("[q_proj, v_proj, down_proj]", "model.layers.0.self_attn.q_proj")}
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_text_task_end_to_end(cli, tmp_path, arch):
     import numpy as np
     task, splits = make_task(tmp_path / "text", np.random.default_rng(0))
-    tok = make_model_folder(tmp_path / "bert-tiny")
+    make_model_folder(tmp_path / "bert-tiny", arch)
     out = tmp_path / "run"
     sets = {"output_dir": out, "model.checkpoint": tmp_path / "bert-tiny", "data.root": tmp_path / "text",
             "data.task": "words", "data.max_length": MAX_LEN, "data.batch_size": 8, "data.eval_batch_size": 16,
-            "device": "cpu", "threads": 1, "glora.target_modules": "[query, value, dense]",
+            "device": "cpu", "threads": 1, "glora.target_modules": TARGETS[arch][0],
             "supernet.epochs": 2, "supernet.lr": 1e-2, "supernet.probe_paths": 1, "search.generations": 2,
             "search.population": 6, "search.select": 2, "search.mutation": 2, "search.crossover": 2,
             "retrain.epochs": 2, "retrain.lr": 1e-2, "retrain.baselines": "[]"}
@@ -66,7 +76,7 @@ def test_text_task_end_to_end(cli, tmp_path):
     metrics = json.loads((out / "retrain" / "metrics.json").read_text())
     assert metrics["merge_max_abs_diff"] < 1e-3 and metrics["num_classes"] == 2
     subnet = (out / "search" / "subnet.yaml").read_text()
-    assert "bert.encoder.layer.0.attention.self.query" in subnet and "classifier" not in subnet
+    assert TARGETS[arch][1] in subnet and "classifier" not in subnet and "score" not in subnet
 
     # the merged folder is a plain Hugging Face model + tokenizer: its test accuracy is the reported one
     folder = out / "retrain" / "merged"
@@ -79,9 +89,8 @@ def test_text_task_end_to_end(cli, tmp_path):
         pred = model(**enc).logits.argmax(-1)
     acc = float((pred == torch.tensor([r["label"] for r in test])).float().mean())
     assert abs(acc - metrics["test_acc"]) < 1e-6
-    adapters = sum(p.numel() for p in model.parameters())
-    ref = transformers.BertForSequenceClassification(model.config)
-    assert adapters == sum(p.numel() for p in ref.parameters())   # merged: the base architecture's size
+    ref = transformers.AutoModelForSequenceClassification.from_config(model.config)
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in ref.parameters())
 
 
 def test_text_task_errors(cli, tmp_path):
