@@ -34,10 +34,15 @@ def test_public_names():
     import supernet
     from supernet import (GloraSupernet, SearchSpace, Subnet, apply_subnet, merge_and_unload,  # noqa: F401
                           search_subnet)
+    import inspect
     for name in supernet.__all__:
         obj = getattr(supernet, name)
         if callable(obj) and getattr(obj, "__module__", "").split(".")[0] in ("supernet", "retrain", "search"):
             assert obj.__doc__, f"{name} has no docstring"
+    for cls in (GloraSupernet, SearchSpace, Subnet):
+        for name, fn in inspect.getmembers(cls, callable):
+            if not name.startswith("_") and fn.__qualname__.startswith(cls.__name__ + "."):
+                assert fn.__doc__, f"{cls.__name__}.{name} has no docstring"
     with pytest.raises(AttributeError):
         supernet.not_a_name
 
