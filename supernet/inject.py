@@ -59,8 +59,9 @@ def unsupported_linear(module: nn.Module) -> str | None:
     quantized = (type(module).__module__.split(".")[0] == "bitsandbytes"
                  or type(w) not in (nn.Parameter, torch.Tensor) or not w.is_floating_point())
     if quantized:
-        return (f"is a quantized linear layer ({type(module).__name__}, weight {type(w).__name__} of {w.dtype}); "
-                "GLoRA adapts floating-point weights: load the model without quantization")
+        return (f"is a quantized or wrapped linear layer ({type(module).__name__}, weight {type(w).__name__} of "
+                f"{w.dtype}); GLoRA adds to plain floating-point nn.Linear weights: load the model without "
+                "quantization")
     return None
 
 

@@ -74,7 +74,8 @@ def test_non_linear_and_quantized_targets_name_the_layer():
     assert find_targets(model, [r"0\..*"]) == ["0.proj"]
     assert find_targets(model, ["proj", "norm"]) == ["0.proj", "1.proj"]
     model[1].proj.weight = nn.Parameter(torch.zeros(8, 8, dtype=torch.int8), requires_grad=False)
-    with pytest.raises(UserError, match=r"1\.proj is a quantized linear layer"):
+    with pytest.raises(UserError, match=r"1\.proj is a quantized or wrapped linear layer "
+                                        r"\(Linear, weight Parameter of torch\.int8\)"):
         find_targets(model, ["proj"])
 
 
