@@ -56,7 +56,8 @@ def os_error_line(e: OSError) -> str:
 
 
 def run_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="run_search.py", description="GLoRA supernet, search and retrain on timm.",
+    p = ArgumentParser(prog="run_search.py",
+                       description="GLoRA supernet, search and retrain on timm and Hugging Face models.",
                                 epilog="other commands: 'run_search.py suite -h', 'run_search.py prepare -h', "
                                        "'run_search.py inspect -h'")
     p.add_argument("-c", "--config", default=None, help="task config: a yaml path or a name under configs/")

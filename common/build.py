@@ -1,4 +1,7 @@
-"""Build what every stage needs from a resolved config: the task data and the backbone."""
+"""Build what every stage needs from a resolved config: the task data and the backbone.
+
+``model.source`` picks the kind: ``timm`` (image models, VTAB-1k image lists) or ``hf`` (Hugging Face
+transformers sequence classifiers, text tasks of :mod:`data.text`)."""
 from __future__ import annotations
 
 import logging
@@ -8,12 +11,31 @@ import torch
 import torch.nn as nn
 
 from .engine import InMemorySplit
+from .errors import UserError
 
 _logger = logging.getLogger(__name__)
+SOURCES = ("timm", "hf")
+
+
+def model_source(cfg) -> str:
+    """``model.source`` checked: ``timm`` or ``hf``."""
+    source = cfg.model.get("source", "timm")
+    if source not in SOURCES:
+        raise UserError(f"config key model.source: {source!r} is not one of {', '.join(SOURCES)}")
+    return source
+
+
+def tokenizer_source(cfg) -> str:
+    """Where an ``hf`` model's tokenizer is read from: ``model.checkpoint``, else ``model.name``."""
+    from data.hf import weights_source
+    return weights_source(cfg.model.name, cfg.model.checkpoint)
 
 
 def prepare_data(cfg) -> int:
     """Make sure the task folder exists (generating an offline task on first use); return the class count."""
+    if model_source(cfg) == "hf":
+        from data.text import text_num_classes
+        return text_num_classes(cfg.data.root, cfg.data.task)
     from data.offline import ensure_task
     from data.vtab import num_classes
 
@@ -24,13 +46,17 @@ def prepare_data(cfg) -> int:
 
 
 def build_backbone(cfg, num_classes: int) -> nn.Module:
-    from data.backbones import create_backbone
-
+    """The model of ``cfg`` with a ``num_classes`` head, weights loaded: ``model(x) -> logits (N, K)``."""
     from . import dist
+    m = cfg.model
     with dist.main_first():  # under torchrun the first rank of a node fills the weight caches first
-        return create_backbone(cfg.model.name, num_classes=num_classes, pretrained=cfg.model.pretrained,
-                               checkpoint=cfg.model.checkpoint, kwargs=dict(cfg.model.kwargs),
-                               num_blocks=cfg.model.num_blocks)
+        if model_source(cfg) == "hf":
+            from data.hf import create_hf_classifier
+            return create_hf_classifier(m.name, num_classes, pretrained=m.pretrained, checkpoint=m.checkpoint,
+                                        kwargs=dict(m.kwargs), num_blocks=m.num_blocks)
+        from data.backbones import create_backbone
+        return create_backbone(m.name, num_classes=num_classes, pretrained=m.pretrained, checkpoint=m.checkpoint,
+                               kwargs=dict(m.kwargs), num_blocks=m.num_blocks)
 
 
 def input_size(cfg, model: nn.Module) -> int:
@@ -45,8 +71,35 @@ def input_size(cfg, model: nn.Module) -> int:
     return int(timm.data.resolve_model_data_config(model)["input_size"][-1])
 
 
+def reference_model(cfg, num_classes: int) -> nn.Module:
+    """The untouched architecture the merged weights must load into (random weights: only keys and shapes)."""
+    m = cfg.model
+    if model_source(cfg) == "hf":
+        from data.hf import reference_hf_classifier
+        return reference_hf_classifier(m.name, num_classes, checkpoint=m.checkpoint, kwargs=dict(m.kwargs))
+    from data.backbones import create_backbone
+    return create_backbone(m.name, num_classes=num_classes, kwargs=dict(m.kwargs), num_blocks=m.num_blocks)
+
+
+def _text_split(cfg, model: nn.Module, split: str, in_memory: bool):
+    from data.hf import load_tokenizer, max_positions
+    from data.text import load_text_split
+    length = cfg.data.get("max_length", 128)
+    limit = max_positions(model) if model is not None else 0
+    if limit and isinstance(length, int) and length > limit:
+        raise UserError(f"config key data.max_length: {length} tokens exceed the {limit} positions of the model")
+    from . import dist
+    with dist.main_first():  # the tokenizer may be downloaded once per node
+        tokenizer = load_tokenizer(tokenizer_source(cfg))
+    x, y = load_text_split(cfg.data.root, cfg.data.task, split, tokenizer, length)
+    return InMemorySplit(x, y) if in_memory else torch.utils.data.TensorDataset(x, y)
+
+
 def load_split(cfg, model: nn.Module, split: str, in_memory: bool = True, progress: bool = True):
-    """A split as an :class:`InMemorySplit` (decoded once) or a streaming dataset (``in_memory=False``)."""
+    """A split as an :class:`InMemorySplit` (decoded once) or a streaming dataset (``in_memory=False``).
+    Text tasks (``model.source: hf``) are tokenized once into packed tokens (:mod:`data.text`)."""
+    if model_source(cfg) == "hf":
+        return _text_split(cfg, model, split, in_memory)
     from data.vtab import VtabDataset, build_transform
     transform = build_transform(model, input_size(cfg, model))
     ds = VtabDataset(cfg.data.root, cfg.data.task, split, transform)
@@ -67,15 +120,9 @@ def stream_batches(cfg, dataset, shard: bool = True):
 
 
 def build_supernet(cfg, num_classes: int):
-    """Backbone with GLoRA super-layers injected into ``glora.target_modules``."""
-    from supernet.wrapper import GloraSupernet
-    torch.manual_seed(cfg.seed)  # head initialisation
-    model = build_backbone(cfg, num_classes)
-    torch.manual_seed(cfg.seed + 1)  # adapter initialisation, whatever loading the weights drew
-    return GloraSupernet(model, target_modules=list(cfg.glora.target_modules), ranks=list(cfg.glora.ranks),
-                         choices_ab=list(cfg.glora.choices_ab), choices_c=list(cfg.glora.choices_c),
-                         choices_de=list(cfg.glora.choices_de), parametrisation=cfg.glora.parametrisation,
-                         a_lora_scale=cfg.glora.a_lora_scale)
+    """Kept for callers of the earlier location: the supernet is built by :func:`supernet.train.build_supernet`."""
+    from supernet.train import build_supernet as build
+    return build(cfg, num_classes)
 
 
 def stage_dir(cfg, stage: str) -> Path:

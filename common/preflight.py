@@ -50,6 +50,21 @@ def _keys(cfg: Config, prefixes: Iterable[str], leave_out: Iterable[str] = ()) -
 BASE_KEYS = ("seed", "precision", "model", "data.root", "data.task", "data.image_size", "data.batch_size", "glora")
 
 
+def _is_hf(cfg: Config) -> bool:
+    from .build import model_source
+    return model_source(cfg) == "hf"
+
+
+def _base_keys(cfg: Config, prefixes: Iterable[str], leave_out: Iterable[str] = ()) -> dict:
+    """``BASE_KEYS`` and ``prefixes``. ``model.source`` counts only when it is not the default ``timm`` (so a
+    timm run folder keeps the fingerprint it had before text tasks existed); ``data.max_length`` only for
+    ``hf`` (it changes what a text model sees, and nothing of an image model)."""
+    leave_out = list(leave_out)
+    if not _is_hf(cfg):
+        leave_out.append("model.source")
+    return _keys(cfg, BASE_KEYS + (("data.max_length",) if _is_hf(cfg) else ()) + tuple(prefixes), leave_out)
+
+
 def _file_digest(path: Path) -> str | None:
     try:
         return hashlib.sha256(path.read_bytes()).hexdigest()
@@ -65,11 +80,11 @@ def stage_fingerprint(cfg: Config, stage: str) -> dict:
     search extends a finished one exactly as if it had run on; a shorter one is refused by the check of the
     folder's files)."""
     if stage == "supernet":
-        return _keys(cfg, BASE_KEYS + ("supernet",))
+        return _base_keys(cfg, ("supernet",))
     if stage == "search":
-        return _keys(cfg, BASE_KEYS + ("supernet", "search", "data.eval_batch_size"), leave_out=["search.generations"])
+        return _base_keys(cfg, ("supernet", "search", "data.eval_batch_size"), leave_out=["search.generations"])
     if stage == "retrain":
-        fp = _keys(cfg, BASE_KEYS + ("retrain",), leave_out=["retrain.dir", "retrain.subnet"])
+        fp = _base_keys(cfg, ("retrain",), leave_out=["retrain.dir", "retrain.subnet"])
         if cfg.retrain.init == "supernet":
             fp.update(_keys(cfg, ["supernet"]))
         if cfg.retrain.subnet:
@@ -218,6 +233,10 @@ def check_output_dir(cfg: Config) -> None:
 
 def check_data(cfg: Config) -> None:
     """The task's list files (labels, encoding) when the task folder exists; the errors of a missing one."""
+    if _is_hf(cfg):  # a text task: every split's lines read and checked (labels, fields)
+        from data.text import text_num_classes
+        text_num_classes(cfg.data.root, cfg.data.task)
+        return
     from data.offline import OFFLINE_TASKS, ensure_task
     from data.vtab import num_classes
     target = Path(cfg.data.root) / cfg.data.task
@@ -237,21 +256,45 @@ def model_space(cfg: Config):
     from supernet.inject import layer_specs
     from supernet.space import SearchSpace
     g = cfg.glora
+    hf = _is_hf(cfg)
     try:
         with torch.device("meta"):
-            model = create_backbone(cfg.model.name, num_classes=2, kwargs=dict(cfg.model.kwargs),
-                                    num_blocks=cfg.model.num_blocks)
+            if hf:
+                from data.hf import reference_hf_classifier
+                if cfg.model.num_blocks:
+                    raise UserError("model.num_blocks applies to timm models; with model.source: hf set "
+                                    "model.kwargs.num_hidden_layers instead")
+                model = reference_hf_classifier(cfg.model.name, 2, checkpoint=cfg.model.checkpoint,
+                                                kwargs=dict(cfg.model.kwargs))
+            else:
+                model = create_backbone(cfg.model.name, num_classes=2, kwargs=dict(cfg.model.kwargs),
+                                        num_blocks=cfg.model.num_blocks)
     except UserError:
         raise
     except Exception as e:
-        raise UserError(f"model.kwargs: timm cannot build {cfg.model.name} with {dict(cfg.model.kwargs)} "
+        lib = "transformers" if hf else "timm"
+        raise UserError(f"model.kwargs: {lib} cannot build {cfg.model.name} with {dict(cfg.model.kwargs)} "
                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    if hf:
+        check_max_length(cfg, model)
     return SearchSpace(layer_specs(model, list(g.target_modules)), ranks=list(g.ranks),
                        choices_ab=list(g.choices_ab), choices_c=list(g.choices_c), choices_de=list(g.choices_de))
 
 
+def check_max_length(cfg: Config, model) -> None:
+    """``data.max_length`` of a text task fits the model's position table."""
+    from data.hf import max_positions
+    length, limit = cfg.data.get("max_length", 128), max_positions(model)
+    if limit and isinstance(length, int) and length > limit:
+        raise UserError(f"config key data.max_length: {length} tokens exceed the {limit} positions of the model")
+
+
 def check_checkpoint_path(cfg: Config) -> None:
     """A ``model.checkpoint`` file that is not there is found now, not after the data is prepared."""
+    if _is_hf(cfg):  # a save_pretrained folder (config.json, weights, tokenizer)
+        from data.hf import weights_source
+        weights_source(cfg.model.name, cfg.model.checkpoint)
+        return
     ck = str(cfg.model.checkpoint)
     if ck and not ck.startswith("offline:"):
         path = Path(ck).expanduser()
@@ -283,24 +326,44 @@ def _reachable(host: tuple[str, int], timeout: float) -> bool:
         return False
 
 
+def _hf_model_cached(source: str) -> bool:
+    """Whether a Hugging Face model ``source`` is a local folder or its config is in the local hub cache."""
+    if Path(source).expanduser().is_dir():
+        return True
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        return isinstance(try_to_load_from_cache(source, "config.json"), str)
+    except Exception:  # an invalid repo name: let transformers say what is wrong
+        return False
+
+
 def check_pretrained(cfg: Config) -> None:
-    """``model.pretrained: true`` downloads from the Hugging Face hub: refuse at once, in one line, when the
-    weights are not cached and the hub cannot be reached (instead of a minute of retries)."""
-    if not cfg.model.pretrained or _pretrained_cached(cfg.model.name):
-        return
-    hint = ("set model.pretrained=false and give model.checkpoint=PATH (a .npz, .pth or .safetensors file on this "
-            "machine) or offline:dinov2_vits14")
+    """``model.pretrained: true`` downloads from the Hugging Face hub (``model.source: hf``: any hub name without a
+    local folder): refuse at once, in one line, when it is not cached and the hub cannot be reached (instead of a
+    minute of retries)."""
+    if _is_hf(cfg):
+        from data.hf import weights_source
+        source = weights_source(cfg.model.name, cfg.model.checkpoint)
+        if _hf_model_cached(source):
+            return
+        what = f"model.name: {source} is not a local folder, is not in the local Hugging Face cache,"
+        hint = ("give model.checkpoint=FOLDER, a folder written by save_pretrained (the model and its tokenizer) "
+                "on this machine")
+    else:
+        if not cfg.model.pretrained or _pretrained_cached(cfg.model.name):
+            return
+        what = f"model.pretrained: the weights of {cfg.model.name} are not in the local cache"
+        hint = ("set model.pretrained=false and give model.checkpoint=PATH (a .npz, .pth or .safetensors file on "
+                "this machine) or offline:dinov2_vits14")
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
-        raise UserError(f"model.pretrained: the weights of {cfg.model.name} are not in the local cache and "
-                        f"HF_HUB_OFFLINE is set; {hint}")
+        raise UserError(f"{what} and HF_HUB_OFFLINE is set; {hint}")
     if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
         return  # through a proxy a direct connection says nothing: let the download try
     from urllib.parse import urlsplit
     endpoint = urlsplit(os.environ.get("HF_ENDPOINT", "").strip() or f"https://{HF_HOST[0]}")
     host = (endpoint.hostname or HF_HOST[0], endpoint.port or (80 if endpoint.scheme == "http" else 443))
     if not _reachable(host, NETWORK_TIMEOUT_S):
-        raise UserError(f"model.pretrained: the weights of {cfg.model.name} are not in the local cache and "
-                        f"{host[0]} cannot be reached (no network?); {hint}")
+        raise UserError(f"{what} and {host[0]} cannot be reached (no network?); {hint}")
 
 
 def _stages_read(cfg: Config, stages: Iterable[str]) -> list[str]:
@@ -320,6 +383,9 @@ def preflight(cfg: Config, stages: Iterable[str]) -> None:
     stages = list(stages)
     check_output_dir(cfg)
     check_data(cfg)
+    if _is_hf(cfg):  # building the model reads its config: the folder or the hub first
+        check_checkpoint_path(cfg)
+        check_pretrained(cfg)
     space = model_space(cfg)
     if "supernet" in stages or "search" in stages:
         s = cfg.search

@@ -11,7 +11,8 @@ import torch
 import torch.nn as nn
 
 from common import dist
-from common.build import build_backbone, load_split, prepare_data, stage_dir, stream_batches
+from common.build import (build_backbone, load_split, model_source, prepare_data, stage_dir, stream_batches,
+                          tokenizer_source)
 from common.checkpoint import CHECKPOINT
 from common.config import Config
 from common.engine import InMemorySplit, autocast, evaluate, resolve_device, set_threads
@@ -25,6 +26,7 @@ from .build import adapter_parameters, apply_subnet, layer_specs, merge_and_unlo
 
 _logger = logging.getLogger(__name__)
 MERGED = "model_merged.safetensors"
+MERGED_PRETRAINED = "merged"  # model.source: hf
 METRICS = "metrics.json"
 
 
@@ -46,7 +48,7 @@ def build_compact_model(cfg: Config, subnet: Subnet, num_classes: int,
     """The backbone with only the subnet's tensors, initialised per ``retrain.init``; and the layer space."""
     g = cfg.glora
     if cfg.retrain.init == "supernet":
-        from search.stage import load_trained_supernet
+        from supernet.train import load_trained_supernet
         sn = load_trained_supernet(cfg, num_classes, device)
         space = sn.space
         space.check_subnet(subnet, max_rank=space.max_rank)
@@ -66,10 +68,9 @@ def build_compact_model(cfg: Config, subnet: Subnet, num_classes: int,
 
 
 def reference_backbone(cfg: Config, num_classes: int) -> nn.Module:
-    """The untouched timm model the merged weights must load into (no checkpoint: only keys and shapes)."""
-    from data.backbones import create_backbone
-    return create_backbone(cfg.model.name, num_classes=num_classes, kwargs=dict(cfg.model.kwargs),
-                           num_blocks=cfg.model.num_blocks)
+    """The untouched timm (or Hugging Face) model the merged weights must load into (only keys and shapes)."""
+    from common.build import reference_model
+    return reference_model(cfg, num_classes)
 
 
 def check_merged_keys(merged_sd: dict, reference: nn.Module) -> None:
@@ -321,6 +322,9 @@ def run_retrain(cfg: Config, progress: bool = True) -> dict:
             "num_blocks": str(cfg.model.num_blocks)}
     if dist.is_main():
         atomic_save_safetensors(out / MERGED, merged_sd, metadata=meta)
+        if model_source(cfg) == "hf":  # a plain Hugging Face folder beside it: from_pretrained loads it
+            from data.hf import save_pretrained_folder
+            save_pretrained_folder(merged, tokenizer_source(cfg), out / MERGED_PRETRAINED)
     # the test split is scored once, on the merged model (what a user deploys); the adapted model computes the
     # same logits up to merge_max_abs_diff
     t0 = time.time()

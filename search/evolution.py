@@ -37,6 +37,7 @@ CHILD_TRIES = 10        # draws per child slot before it is left empty (collidin
 
 @dataclass(frozen=True)
 class Candidate:
+    """A scored subnet: its adapter parameter count, score (``score_fn``, higher is better) and generation."""
     subnet: Subnet
     params: int
     score: float
@@ -45,6 +46,8 @@ class Candidate:
 
 @dataclass
 class SearchResult:
+    """The outcome of a search: the best subnet, its score and parameter count, the top-k candidates, and
+    ``history`` (one dict per scored candidate: generation, params, val_acc = the score, layers)."""
     best: Subnet
     best_score: float
     best_params: int
@@ -105,7 +108,7 @@ def _subnet_from_json(names: tuple[str, ...], layers: list) -> Subnet:
 
 
 class EvolutionSearcher:
-    """Search ``space`` for the subnet with the highest ``score_fn`` (validation top-1) in a params budget.
+    """Search ``space`` for the subnet with the highest ``score_fn`` (e.g. validation top-1) in a params budget.
 
     ``min_params`` / ``max_params`` are absolute adapter parameter counts. ``score_fn(subnet) -> float`` is
     called at most once per distinct subnet, and never for a subnet outside the budget.

@@ -4,32 +4,16 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
-
-from common.build import build_supernet, load_split, prepare_data, stage_dir
+from common.build import load_split, prepare_data, stage_dir
 from common.config import Config
 from common.engine import evaluate, resolve_device, set_threads
-from common.errors import UserError
-from common.io import load_safetensors
 from supernet.space import Subnet
+from supernet.train import load_trained_supernet
 
 from .evolution import FINAL_FILES, EvolutionSearcher, read_state
 from .operators import check_budget
 
 _logger = logging.getLogger(__name__)
-
-
-def load_trained_supernet(cfg: Config, num_classes: int, device: torch.device):
-    from supernet.train import ADAPTERS, supernet_complete
-    path = Path(cfg.output_dir) / "supernet" / ADAPTERS
-    if not path.is_file() or not supernet_complete(cfg):
-        raise UserError(f"no trained supernet in {path.parent}: run --stage supernet first (same config)")
-    sn = build_supernet(cfg, num_classes)
-    try:
-        sn.load_trainable_state_dict(load_safetensors(path, f"delete {path.parent} to train the supernet again"))
-    except ValueError as e:
-        raise UserError(f"{path} does not fit this config's model/search space: {e}") from None
-    return sn.to(device)
 
 
 def search_complete(cfg: Config) -> bool:

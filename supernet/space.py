@@ -91,18 +91,22 @@ class Subnet:
         return len(self.layers)
 
     def choice(self, name: str) -> LayerChoice:
+        """The A-E choices of layer ``name``."""
         return self.layers[self.names.index(name)]
 
     def max_rank(self) -> int:
+        """The largest LoRA rank any tensor of the subnet uses (0 when none is LoRA)."""
         return max([lora_rank(c) for lc in self.layers for c in lc] + [0])
 
     @classmethod
     def uniform(cls, names: Sequence[str], choice: LayerChoice) -> "Subnet":
+        """Every layer of ``names`` takes ``choice`` (see ``SearchSpace.uniform`` for layers without bias)."""
         return cls(tuple(names), tuple(choice for _ in names))
 
     def to_dict(self, specs: Sequence[LayerSpec], model: str = "", val_acc: float | None = None,
                 extra: dict | None = None) -> dict:
-        """The ``subnet.yaml`` structure (DESIGN.md §4)."""
+        """The ``subnet.yaml`` structure: model, params (adapter elements), val_acc, and per layer its name,
+        in/out features and A-E choices."""
         specs = list(specs)
         out = {"model": model, "params": count_params(self.layers, specs),
                "val_acc": None if val_acc is None else float(val_acc)}
@@ -116,11 +120,13 @@ class Subnet:
 
     def to_yaml(self, path: str | Path, specs: Sequence[LayerSpec], model: str = "",
                 val_acc: float | None = None, extra: dict | None = None) -> None:
+        """Write :meth:`to_dict` to ``path`` (atomically); ``specs`` are the layer shapes (``space.specs``)."""
         from common.io import atomic_write_yaml
         atomic_write_yaml(path, self.to_dict(specs, model=model, val_acc=val_acc, extra=extra))
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "subnet") -> "Subnet":
+        """The subnet of a ``subnet.yaml`` structure; UserError (naming ``source``) when it is malformed."""
         if not isinstance(data, dict) or not isinstance(data.get("layers"), list) or not data["layers"]:
             raise UserError(f"{source}: expected a mapping with a non-empty 'layers' list")
         names, layers = [], []
@@ -139,6 +145,7 @@ class Subnet:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "Subnet":
+        """Read a ``subnet.yaml`` (written by :meth:`to_yaml`, the search or by hand)."""
         path = Path(path)
         if not path.is_file():
             raise UserError(f"subnet file not found: {path}")
@@ -198,12 +205,15 @@ class SearchSpace:
 
     @property
     def max_rank(self) -> int:
+        """The largest LoRA rank of the space (the super-layers' storage size)."""
         return max([lora_rank(c) for opts in self.tensor_options.values() for c in opts] + [0])
 
     def params(self, subnet: Subnet) -> int:
+        """Adapter elements of ``subnet`` (the classifier head not counted): the size of its compact model."""
         return count_params(subnet.layers, self.specs)
 
     def layer_params(self, i: int, choice: LayerChoice) -> int:
+        """Adapter elements of layer ``i`` (model order) with ``choice``."""
         s = self.specs[i]
         return layer_params(choice, s.in_features, s.out_features)
 
@@ -218,6 +228,7 @@ class SearchSpace:
         return lo, hi
 
     def contains(self, subnet: Subnet) -> bool:
+        """Whether ``subnet`` names these layers in order and every choice is one of the space's options."""
         return subnet.names == self.names and all(
             all(c in o for c, o in zip(lc, opts)) for lc, opts in zip(subnet.layers, self.options))
 

@@ -17,14 +17,17 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from common import dist
-from common.build import build_supernet, load_split, prepare_data, stage_dir
+from common.build import build_backbone, load_split, prepare_data, stage_dir
 from common.config import Config
 from common.engine import evaluate, resolve_device, set_threads
-from common.io import atomic_save_safetensors
+from common.errors import UserError
+from common.io import atomic_save_safetensors, load_safetensors
 from common.trainer import FitSpec, checkpoint_epoch, fit
 from supernet.inject import head_names
+from supernet.wrapper import GloraSupernet
 
 _logger = logging.getLogger(__name__)
 
@@ -35,6 +38,36 @@ PROBE_SEED_OFFSET = 7_919  # probe paths come from a seed apart from the trainin
 def supernet_complete(cfg: Config) -> bool:
     out = Path(cfg.output_dir) / "supernet"
     return (out / ADAPTERS).is_file() and checkpoint_epoch(out) >= cfg.supernet.epochs
+
+
+def glora_options(glora) -> dict:
+    """The ``GloraSupernet`` keyword arguments of a config's ``glora`` section (plain lists and values)."""
+    return dict(target_modules=list(glora.target_modules), ranks=list(glora.ranks),
+                choices_ab=list(glora.choices_ab), choices_c=list(glora.choices_c),
+                choices_de=list(glora.choices_de), parametrisation=glora.parametrisation,
+                a_lora_scale=glora.a_lora_scale)
+
+
+def build_supernet(cfg: Config, num_classes: int) -> GloraSupernet:
+    """The backbone of ``cfg`` with GLoRA super-layers injected into ``glora.target_modules``."""
+    torch.manual_seed(cfg.seed)  # head initialisation
+    model = build_backbone(cfg, num_classes)
+    torch.manual_seed(cfg.seed + 1)  # adapter initialisation, whatever loading the weights drew
+    return GloraSupernet(model, **glora_options(cfg.glora))
+
+
+def load_trained_supernet(cfg: Config, num_classes: int, device: torch.device):
+    """The supernet of ``cfg`` with the adapters and head of its finished supernet stage, on ``device``.
+    Raises UserError when the stage has not finished or its file does not fit the config."""
+    path = Path(cfg.output_dir) / "supernet" / ADAPTERS
+    if not path.is_file() or not supernet_complete(cfg):
+        raise UserError(f"no trained supernet in {path.parent}: run --stage supernet first (same config)")
+    sn = build_supernet(cfg, num_classes)
+    try:
+        sn.load_trainable_state_dict(load_safetensors(path, f"delete {path.parent} to train the supernet again"))
+    except ValueError as e:
+        raise UserError(f"{path} does not fit this config's model/search space: {e}") from None
+    return sn.to(device)
 
 
 def train_supernet(cfg: Config, progress: bool = True) -> dict:

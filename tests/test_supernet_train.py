@@ -21,7 +21,7 @@ def test_adapter_weights_round_trip(tmp_path, data_root):
     cfg = tiny_cfg(tmp_path / "run", data_root)
     train_supernet(cfg, progress=False)
     saved = load_file(tmp_path / "run" / "supernet" / "adapters.safetensors")
-    from common.build import build_supernet
+    from supernet.train import build_supernet
     sn = build_supernet(cfg, num_classes=16)
     before = sn.trainable_state_dict()
     assert set(saved) == set(before)
