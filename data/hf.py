@@ -11,6 +11,7 @@ model accept the packed tokens of :mod:`data.text` (``(N, 2, L)``: ids and atten
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from pathlib import Path
 
@@ -90,6 +91,19 @@ def packed_forward(model: nn.Module) -> nn.Module:
     return model
 
 
+@contextlib.contextmanager
+def _no_hf_progress_bars():
+    """transformers' own bars (loading and writing shards) off: the stages report progress themselves."""
+    hf_logging = _transformers().utils.logging
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+
+
 def _config(source: str, num_classes: int, kwargs: dict):
     transformers = _transformers()
     try:
@@ -114,21 +128,16 @@ def create_hf_classifier(name: str, num_classes: int, pretrained: bool = True, c
     kwargs = dict(kwargs or {})
     config = _config(source, num_classes, kwargs)
     auto = transformers.AutoModelForSequenceClassification
-    hf_logging = transformers.utils.logging
-    bar = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()   # the stages report progress themselves
     try:
-        if checkpoint or pretrained:
-            model = auto.from_pretrained(source, config=config, ignore_mismatched_sizes=True)
-        else:
-            model = auto.from_config(config)
+        with _no_hf_progress_bars():
+            if checkpoint or pretrained:
+                model = auto.from_pretrained(source, config=config, ignore_mismatched_sizes=True)
+            else:
+                model = auto.from_config(config)
     except ValueError as e:
         raise UserError(f"model: {source} has no sequence-classification form in transformers ({e})") from None
     except Exception as e:
         raise _load_error("model", source, e) from None
-    finally:
-        if bar:
-            hf_logging.enable_progress_bar()
     if getattr(model.config, "pad_token_id", None) is None:
         tok = load_tokenizer(source)
         model.config.pad_token_id = tok.pad_token_id
@@ -157,7 +166,8 @@ def save_pretrained_folder(model: nn.Module, tokenizer_src: str, folder: str | P
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        model.save_pretrained(tmp)
+        with _no_hf_progress_bars():
+            model.save_pretrained(tmp)
         load_tokenizer(tokenizer_src).save_pretrained(tmp)
         if folder.exists():
             shutil.rmtree(folder)
