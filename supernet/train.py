@@ -87,8 +87,9 @@ def train_supernet(cfg: Config, progress: bool = True) -> dict:
         for p in probes:
             sn.set_subnet(p, freeze=True)
             accs.append(evaluate(sn, val.batches(cfg.data.eval_batch_size), device, cfg.precision))
-        _logger.info("supernet epoch %d/%d: probe-path val top-1 %s", epoch + 1, s.epochs,
-                     ", ".join(f"{a:.3f}" for a in accs))
+        if accs:
+            _logger.info("supernet epoch %d/%d: probe-path val top-1 %s", epoch + 1, s.epochs,
+                         ", ".join(f"{a:.3f}" for a in accs))
         return {"probe_val_acc": accs}
 
     spec = FitSpec(epochs=s.epochs, lr=s.lr, weight_decay=s.weight_decay, warmup_epochs=s.warmup_epochs,
