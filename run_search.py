@@ -16,8 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-from common import dist
-from common.errors import UserError
+from glora.core import dist
+from glora.core.errors import UserError
 
 _logger = logging.getLogger("glora")
 STAGES = ("supernet", "search", "retrain")
@@ -72,7 +72,7 @@ def run_parser() -> argparse.ArgumentParser:
 
 def cmd_run(argv: list[str]) -> int:
     args = run_parser().parse_args(argv)
-    from common.config import dump_config, load_config
+    from glora.core.config import dump_config, load_config
     overrides = list(args.overrides)
     if args.subnet:
         overrides.append(f"retrain.subnet={args.subnet}")
@@ -85,7 +85,7 @@ def cmd_run(argv: list[str]) -> int:
     dist.init(cfg.device, cfg.data.batch_size)  # under torchrun: join the job (nothing without it)
     out = Path(cfg.output_dir)
     stages = STAGES if args.stage == "all" else (args.stage,)
-    from common.preflight import preflight
+    from glora.preflight import preflight
     with dist.together():  # a rank that refuses the command stops every rank
         preflight(cfg, stages)  # nothing is written before the command is accepted
     setup_logging(out)
@@ -96,7 +96,7 @@ def cmd_run(argv: list[str]) -> int:
     if dist.world_size() > 1:
         _logger.info("data parallel: %d processes (%s), global batch %d", dist.world_size(), dist.backend(),
                      cfg.data.batch_size)
-    from common.pipeline import run_stages
+    from glora.pipeline import run_stages
     run_stages(cfg, stages, progress=not args.no_progress and dist.is_main(), skip_complete=args.stage == "all")
     return 0
 
@@ -129,7 +129,7 @@ def cmd_suite(argv: list[str]) -> int:
                    help="override a config value for every task (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = p.parse_args(argv)
-    from common.suite import parse_tasks, run_suite, task_configs
+    from glora.suite import parse_tasks, run_suite, task_configs
     tasks = parse_tasks(args.tasks)
     root, cfgs = task_configs(args.config, args.overrides, tasks)  # every task's config checked before any runs
     dist.init(cfgs[0].device, cfgs[0].data.batch_size)  # under torchrun: join the job (nothing without it)
@@ -161,7 +161,7 @@ def cmd_fewshot(argv: list[str]) -> int:
     p.add_argument("--shots", default="1,2,4,8,16")
     p.add_argument("--seeds", default="0,1,2")
     args = p.parse_args(argv)
-    from data.fewshot import convert_fewshot
+    from glora.data.fewshot import convert_fewshot
     tasks = convert_fewshot(args.src, args.root, args.name, _int_list(args.shots, "shots"),
                             _int_list(args.seeds, "seeds"), args.images)
     print(f"wrote {len(tasks)} task folders under {args.root}; run them with\n"
@@ -170,7 +170,7 @@ def cmd_fewshot(argv: list[str]) -> int:
 
 
 def cmd_prepare(argv: list[str]) -> int:
-    from data.offline import OFFLINE_TASKS, prepare_task
+    from glora.data.offline import OFFLINE_TASKS, prepare_task
     p = ArgumentParser(prog="run_search.py prepare", description="write an offline task in VTAB-1k layout")
     p.add_argument("--task", required=True, help=f"one of {', '.join(OFFLINE_TASKS)}")
     p.add_argument("--root", default="datasets/vtab-1k", help="folder to write <root>/<task> into")
@@ -183,7 +183,7 @@ def cmd_prepare(argv: list[str]) -> int:
     if target.exists() and not args.overwrite:
         print(f"left {target} as it is: it exists already (--overwrite replaces it)")
         return 0
-    from common.preflight import check_writable_folder
+    from glora.preflight import check_writable_folder
     check_writable_folder(Path(args.root), "prepare --root")
     setup_logging()
     path = prepare_task(args.task, args.root, seed=args.seed, overwrite=args.overwrite)
@@ -198,7 +198,7 @@ def cmd_inspect(argv: list[str]) -> int:
     p.add_argument("--out", default=None, help="folder for the PNGs (default: beside subnet.yaml)")
     args = p.parse_args(argv)
     if args.out:
-        from common.preflight import check_writable_folder
+        from glora.preflight import check_writable_folder
         check_writable_folder(Path(args.out), "inspect --out")
     from search.inspect import inspect_main
     return inspect_main(args.target, args.out)

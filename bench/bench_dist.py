@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Data-parallel scaling of a supernet training step on the CPU: images/s of ``common.trainer.fit`` (random
+"""Data-parallel scaling of a supernet training step on the CPU: images/s of ``glora.core.trainer.fit`` (random
 paths, AdamW, the gradient all-reduce) with
 
 - 1 process of 1 thread,
@@ -41,9 +41,9 @@ def worker(args) -> None:
     import timm
     import torch
 
-    import common.trainer as trainer
-    from common import dist
-    from common.engine import InMemorySplit
+    import glora.core.trainer as trainer
+    from glora.core import dist
+    from glora.core.engine import InMemorySplit
     from supernet.inject import head_names
     from supernet.wrapper import GloraSupernet
 
@@ -140,7 +140,7 @@ def main() -> None:
     lines = [
         "# Data-parallel scaling on the CPU", "",
         f"`{cmd}`", "",
-        f"Supernet training step (`common.trainer.fit`: a random path per step, AdamW, gradient all-reduce) of "
+        f"Supernet training step (`glora.core.trainer.fit`: a random path per step, AdamW, gradient all-reduce) of "
         f"{spec['name']} at {spec['img']} px, global batch {spec['batch']}, {args.steps} timed steps after "
         f"{args.warmup} untimed, median of {args.rounds} interleaved rounds. "
         f"{platform.processor() or platform.machine()}, "

@@ -166,7 +166,7 @@ def infer(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
 
 def search_eval(spec: dict, batches, seed: int = 0):
     """(evaluate one random candidate, plain inference of the base model) over the same images."""
-    from common.engine import evaluate
+    from glora.core.engine import evaluate
     from supernet.wrapper import GloraSupernet
     base = create(spec).eval()
     sn = GloraSupernet(create(spec), target_modules=TARGETS, ranks=[4]).eval()
@@ -291,7 +291,7 @@ def bf16_ranking(n_subnets: int = 20, n_images: int = 256, seed: int = 0, depth:
     Labels are the base model's own predictions, so each subnet's accuracy measures how far its adapters move
     the model: the accuracies spread and the ranking is meaningful."""
     import timm
-    from common.engine import InMemorySplit, evaluate
+    from glora.core.engine import InMemorySplit, evaluate
     from supernet.wrapper import GloraSupernet
     torch.manual_seed(seed)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=32, patch_size=8,
@@ -466,7 +466,7 @@ def write_markdown(path: str, report: dict, command: str) -> None:
               "PEFT LoRA: `LoraConfig(r=4, lora_alpha=4, lora_dropout=0)`. Retrain: `apply_subnet` with every layer "
               "at `(lora_4, lora_4, lora_4, vector, vector)`; PEFT GLoRA: `GloraConfig(r=4, config_A_B='lora', "
               "config_C='lora', config_D_E='vector')`.",
-              f"- Search: one evaluation = `set_subnet(random subnet, freeze=True)` + `common.engine.evaluate` over "
+              f"- Search: one evaluation = `set_subnet(random subnet, freeze=True)` + `glora.core.engine.evaluate` over "
               f"{EVAL_BATCHES} batches; compared with `evaluate` of the untouched timm model over the same batches.",
               "- Peak memory: one subprocess per side builds its model, optimizer and batch, resets the kernel's "
               "resident high-water mark (`echo 5 > /proc/self/clear_refs`; `ru_maxrss` elsewhere), reads VmRSS "

@@ -16,10 +16,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from common.build import build_backbone, load_split, prepare_data  # noqa: E402
-from common.config import load_config  # noqa: E402
-from common.engine import evaluate, set_threads  # noqa: E402
-from common.trainer import FitSpec, fit  # noqa: E402
+from glora.core.build import build_backbone, load_split, prepare_data  # noqa: E402
+from glora.core.config import load_config  # noqa: E402
+from glora.core.engine import evaluate, set_threads  # noqa: E402
+from glora.core.trainer import FitSpec, fit  # noqa: E402
 from retrain.build import apply_subnet, adapter_parameters, layer_specs  # noqa: E402
 from supernet.inject import freeze_all_but, head_names, head_parameters  # noqa: E402
 from supernet.space import LayerChoice, SearchSpace  # noqa: E402

@@ -21,11 +21,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from common.build import load_split, prepare_data  # noqa: E402
-from common.config import load_config  # noqa: E402
-from common.engine import evaluate, set_threads  # noqa: E402
-from common.io import read_jsonl  # noqa: E402
-from common.trainer import fit  # noqa: E402
+from glora.core.build import load_split, prepare_data  # noqa: E402
+from glora.core.config import load_config  # noqa: E402
+from glora.core.engine import evaluate, set_threads  # noqa: E402
+from glora.core.io import read_jsonl  # noqa: E402
+from glora.core.trainer import fit  # noqa: E402
 from retrain.stage import Method, _fit_spec  # noqa: E402
 from supernet.inject import head_names  # noqa: E402
 from supernet.space import LayerChoice, Subnet  # noqa: E402

@@ -10,15 +10,15 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from common import dist
-from common.build import (build_backbone, load_split, model_source, prepare_data, stage_dir, stream_batches,
+from glora.core import dist
+from glora.core.build import (build_backbone, load_split, model_source, prepare_data, stage_dir, stream_batches,
                           tokenizer_source)
-from common.checkpoint import CHECKPOINT
-from common.config import Config
-from common.engine import InMemorySplit, autocast, evaluate, resolve_device, set_threads
-from common.errors import UserError
-from common.io import atomic_save_safetensors, atomic_write_json
-from common.trainer import FitSpec, fit
+from glora.core.checkpoint import CHECKPOINT
+from glora.core.config import Config
+from glora.core.engine import InMemorySplit, autocast, evaluate, resolve_device, set_threads
+from glora.core.errors import UserError
+from glora.core.io import atomic_save_safetensors, atomic_write_json
+from glora.core.trainer import FitSpec, fit
 from supernet.inject import freeze_all_but, head_names, head_parameters
 from supernet.space import LayerChoice, SearchSpace, Subnet
 
@@ -69,7 +69,7 @@ def build_compact_model(cfg: Config, subnet: Subnet, num_classes: int,
 
 def reference_backbone(cfg: Config, num_classes: int) -> nn.Module:
     """The untouched timm (or Hugging Face) model the merged weights must load into (only keys and shapes)."""
-    from common.build import reference_model
+    from glora.core.build import reference_model
     return reference_model(cfg, num_classes)
 
 
@@ -323,7 +323,7 @@ def run_retrain(cfg: Config, progress: bool = True) -> dict:
     if dist.is_main():
         atomic_save_safetensors(out / MERGED, merged_sd, metadata=meta)
         if model_source(cfg) == "hf":  # a plain Hugging Face folder beside it: from_pretrained loads it
-            from data.hf import save_pretrained_folder
+            from glora.data.hf import save_pretrained_folder
             save_pretrained_folder(merged, tokenizer_source(cfg), out / MERGED_PRETRAINED)
     # the test split is scored once, on the merged model (what a user deploys); the adapted model computes the
     # same logits up to merge_max_abs_diff

@@ -21,9 +21,9 @@ from typing import Callable
 
 import numpy as np
 
-from common import dist
-from common.errors import UserError
-from common.io import append_jsonl, atomic_write_json, atomic_write_text, atomic_write_yaml, read_jsonl
+from glora.core import dist
+from glora.core.errors import UserError
+from glora.core.io import append_jsonl, atomic_write_json, atomic_write_text, atomic_write_yaml, read_jsonl
 from supernet.space import LayerChoice, SearchSpace, Subnet
 
 from .operators import check_budget, crossover, in_budget, mutate, sample_in_budget
@@ -326,7 +326,7 @@ class EvolutionSearcher:
             return self._result()
         bar = None
         if self.progress:
-            from common.progress import progress_bar
+            from glora.core.progress import progress_bar
             bar = progress_bar(total=self.generations, initial=self.generation, desc="search", unit="gen",
                                enabled=dist.is_main())
         try:

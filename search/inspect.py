@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from common.errors import UserError
+from glora.core.errors import UserError
 from supernet.params import layer_params
 from supernet.space import TENSORS, Subnet
 

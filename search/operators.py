@@ -10,7 +10,7 @@ import weakref
 
 import numpy as np
 
-from common.errors import UserError
+from glora.core.errors import UserError
 from supernet.space import TENSORS, LayerChoice, SearchSpace, Subnet
 
 DEFAULT_TRIES = 20          # fresh draws (each followed by a repair) before giving up

@@ -4,9 +4,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from common.build import load_split, prepare_data, stage_dir
-from common.config import Config
-from common.engine import evaluate, resolve_device, set_threads
+from glora.core.build import load_split, prepare_data, stage_dir
+from glora.core.config import Config
+from glora.core.engine import evaluate, resolve_device, set_threads
 from supernet.space import Subnet
 from supernet.train import load_trained_supernet
 

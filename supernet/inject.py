@@ -8,7 +8,7 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn as nn
 
-from common.errors import UserError
+from glora.core.errors import UserError
 
 # top-level children that are a classifier / output head in timm and Hugging Face transformers models
 HEAD_ATTRS = ("head", "classifier", "score", "lm_head")

@@ -14,7 +14,7 @@ from typing import Iterable, NamedTuple, Sequence
 import numpy as np
 import yaml
 
-from common.errors import UserError
+from glora.core.errors import UserError
 
 from .params import count_params, layer_params, lora_rank
 
@@ -121,7 +121,7 @@ class Subnet:
     def to_yaml(self, path: str | Path, specs: Sequence[LayerSpec], model: str = "",
                 val_acc: float | None = None, extra: dict | None = None) -> None:
         """Write :meth:`to_dict` to ``path`` (atomically); ``specs`` are the layer shapes (``space.specs``)."""
-        from common.io import atomic_write_yaml
+        from glora.core.io import atomic_write_yaml
         atomic_write_yaml(path, self.to_dict(specs, model=model, val_acc=val_acc, extra=extra))
 
     @classmethod

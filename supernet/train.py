@@ -4,7 +4,7 @@ The path of step ``s`` is drawn from ``(seed, s)`` alone (``SearchSpace.path``; 
 ``supernet.path_sampling: budget`` a path inside the search budget, drawn as the search draws its random
 candidates, so training concentrates on the subnets the search will score), so data-parallel ranks agree
 without communication, and a resumed run draws the same paths as an uninterrupted one (see
-``common.trainer.fit`` for the rest of the resume guarantee).
+``glora.core.trainer.fit`` for the rest of the resume guarantee).
 
 Files under ``<output_dir>/supernet/``: ``settings.json`` (what the stage ran with), ``checkpoint.safetensors``
 (trainable state and optimizer, written atomically each epoch; tensors and JSON, nothing that can run code),
@@ -19,13 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import dist
-from common.build import build_backbone, load_split, prepare_data, stage_dir
-from common.config import Config
-from common.engine import evaluate, resolve_device, set_threads
-from common.errors import UserError
-from common.io import atomic_save_safetensors, load_safetensors
-from common.trainer import FitSpec, checkpoint_epoch, fit
+from glora.core import dist
+from glora.core.build import build_backbone, load_split, prepare_data, stage_dir
+from glora.core.config import Config
+from glora.core.engine import evaluate, resolve_device, set_threads
+from glora.core.errors import UserError
+from glora.core.io import atomic_save_safetensors, load_safetensors
+from glora.core.trainer import FitSpec, checkpoint_epoch, fit
 from supernet.inject import head_names
 from supernet.wrapper import GloraSupernet
 

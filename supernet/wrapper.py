@@ -114,14 +114,14 @@ class GloraSupernet(nn.Module):
 
     def save_adapters(self, path: str | Path, metadata: dict[str, str] | None = None) -> None:
         """Write :meth:`trainable_state_dict` (adapters and trained head) to a safetensors file, atomically."""
-        from common.io import atomic_save_safetensors
+        from glora.core.io import atomic_save_safetensors
         atomic_save_safetensors(path, self.trainable_state_dict(), metadata=metadata)
 
     def load_adapters(self, path: str | Path) -> "GloraSupernet":
         """Read a file written by :meth:`save_adapters` into this supernet (same model, targets and ranks).
         Raises UserError when the file is missing or does not fit."""
-        from common.errors import UserError
-        from common.io import load_safetensors
+        from glora.core.errors import UserError
+        from glora.core.io import load_safetensors
         path = Path(path)
         if not path.is_file():
             raise UserError(f"adapter file not found: {path}")

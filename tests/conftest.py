@@ -29,7 +29,7 @@ def vit():
 def data_root(tmp_path_factory):
     """A generated dsprites_loc task in VTAB-1k layout, shared by the tests of a session."""
     root = tmp_path_factory.mktemp("vtab")
-    from data.offline import prepare_task
+    from glora.data.offline import prepare_task
     prepare_task("dsprites_loc", root, seed=0)
     return root
 

@@ -24,9 +24,9 @@ def sgd_for(named_params, lr, weight_decay, head_names=frozenset(), head_lr_scal
 
 
 def run(out: str, n_train: int = 44) -> dict:
-    import common.trainer as trainer
-    from common import dist
-    from common.engine import InMemorySplit
+    import glora.core.trainer as trainer
+    from glora.core import dist
+    from glora.core.engine import InMemorySplit
     from supernet.wrapper import GloraSupernet
     from conftest import tiny_vit
 
@@ -51,7 +51,7 @@ def run(out: str, n_train: int = 44) -> dict:
 
 
 if __name__ == "__main__":
-    from common import dist
+    from glora.core import dist
     dist.init("cpu", batch_size=8)
     try:
         for n in sys.argv[2:]:

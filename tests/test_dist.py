@@ -16,9 +16,9 @@ import yaml
 from safetensors.torch import load_file
 
 import run_search
-from common import dist
-from common.checkpoint import CHECKPOINT
-from common.engine import InMemorySplit
+from glora.core import dist
+from glora.core.checkpoint import CHECKPOINT
+from glora.core.engine import InMemorySplit
 from retrain.stage import MERGED
 from supernet.train import ADAPTERS
 
@@ -54,7 +54,7 @@ def run_args(out, root, *extra):
 @pytest.fixture(scope="module")
 def small_root(tmp_path_factory):
     """dsprites_loc with a 200-image test split (the shared task has 2000)."""
-    from data.offline import prepare_task
+    from glora.data.offline import prepare_task
     root = tmp_path_factory.mktemp("vtab-small")
     prepare_task("dsprites_loc", root, seed=0, n_test=200)
     return root
@@ -209,8 +209,8 @@ def test_two_processes_end_with_the_same_supernet(one_and_two):
         total += a[k].numel()
     assert close >= 0.98 * total, (close, total)
     # the supernet shares those entries between paths, so on paths they show: logits within 1e-3 (of ~0.2)
-    from common.build import build_supernet
-    from common.config import load_config
+    from supernet.train import build_supernet
+    from glora.core.config import load_config
     cfg = load_config(str(one / "config.yaml"))
     nets = []
     for state in (a, b):

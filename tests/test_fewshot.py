@@ -4,8 +4,8 @@ import pytest
 from PIL import Image
 
 import run_search
-from common.suite import write_tables
-from data.vtab import read_split
+from glora.suite import write_tables
+from glora.data.vtab import read_split
 
 
 @pytest.fixture

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from common.engine import InMemorySplit, lr_at
-from common.trainer import FitSpec, fit, optimizer_for
+from glora.core.engine import InMemorySplit, lr_at
+from glora.core.trainer import FitSpec, fit, optimizer_for
 from retrain.build import merge_and_unload
 from retrain.glora import GloraLinear
 from supernet.layer import SuperGloraLinear
@@ -143,7 +143,7 @@ def test_head_lr_scale_reaches_the_head(tmp_path):
 
 
 def test_resume_with_other_training_settings_is_refused(tmp_path):
-    from common.errors import UserError
+    from glora.core.errors import UserError
     run_fit(tmp_path, "r", epochs=2, lr=1e-2)
     for change in ({"lr": 2e-2}, {"seed": 4}, {"weight_decay": 0.1}, {"epochs": 3}):
         with pytest.raises(UserError, match="other settings"):

@@ -126,7 +126,7 @@ def test_bert_sequence_classifier(tmp_path):
 
 
 def test_gpt2_conv1d_is_named():
-    from common.errors import UserError
+    from glora.core.errors import UserError
     cfg = transformers.GPT2Config(vocab_size=V, n_embd=16, n_layer=1, n_head=2, n_positions=L)
     model = transformers.GPT2LMHeadModel(cfg)
     with pytest.raises(UserError, match=r"transformer\.h\.0\.attn\.c_attn .*Conv1D"):

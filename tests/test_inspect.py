@@ -2,7 +2,7 @@
 import pytest
 import yaml
 
-from common.errors import UserError
+from glora.core.errors import UserError
 from search.evolution import EvolutionSearcher
 from search.inspect import inspect_main
 from supernet.space import LayerSpec, SearchSpace

@@ -166,7 +166,7 @@ def test_injection_targets_and_freezing(vit):
 
 
 def test_head_never_adapted_and_missing_targets(vit):
-    from common.errors import UserError
+    from glora.core.errors import UserError
     with pytest.raises(UserError, match="not found"):
         GloraSupernet(vit, target_modules=["nonexistent"])
     sn = GloraSupernet(tiny_vit(), target_modules=[".*"])

@@ -9,9 +9,9 @@ import yaml
 from safetensors.torch import load_file
 
 import run_search
-from common.build import stream_batches
-from common.config import load_config
-from common.engine import evaluate
+from glora.core.build import stream_batches
+from glora.core.config import load_config
+from glora.core.engine import evaluate
 from conftest import tiny_args
 from supernet.space import Subnet
 
@@ -47,7 +47,7 @@ def test_merged_model_loads_strictly_in_plain_timm(tiny_run, data_root):
                               embed_dim=32, depth=2, num_heads=2)
     model.load_state_dict(sd, strict=True)
     cfg = load_config(str(tiny_run / "config.yaml"))
-    from common.build import load_split
+    from glora.core.build import load_split
     test = load_split(cfg, model, "test", in_memory=False)
     acc = evaluate(model, stream_batches(cfg, test), torch.device("cpu"))
     assert acc == pytest.approx(metrics["test_acc"], abs=1e-9)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from common.errors import UserError
+from glora.core.errors import UserError
 from conftest import tiny_args
 
 BAD_INPUTS = []  # (id, argv builder, setup, expected fragment of the error line)
@@ -144,13 +144,13 @@ case("supernet log damaged mid-file", "log.jsonl:1", setup=lambda c: (c.run / "s
     "{oops\n" + (c.run / "supernet" / "log.jsonl").read_text()))
 case("pretrained offline", "model.pretrained",
      "model.pretrained=true", setup=lambda c: (c.mp.setenv("HF_HUB_OFFLINE", "1"),
-                                               c.mp.setattr("common.preflight._pretrained_cached", lambda n: False)))
+                                               c.mp.setattr("glora.preflight._pretrained_cached", lambda n: False)))
 case("output_dir is a file", "is a file", argv=lambda c: tiny_args(c.run / "summary.json", c.data_root))
 case("output_dir under a file", "is a file", argv=lambda c: tiny_args(c.run / "summary.json" / "x", c.data_root))
 case("output_dir read-only", "not writable",
-     setup=lambda c: c.mp.setattr("common.preflight.os.access", lambda p, m: Path(p) != c.run))
+     setup=lambda c: c.mp.setattr("glora.preflight.os.access", lambda p, m: Path(p) != c.run))
 case("disk full", "No space left",
-     setup=lambda c: c.mp.setattr("common.io.atomic_write", _raise(OSError(errno.ENOSPC, "No space left on device",
+     setup=lambda c: c.mp.setattr("glora.core.io.atomic_write", _raise(OSError(errno.ENOSPC, "No space left on device",
                                                                           str(c.run / "config.yaml")))))
 case("split not UTF-8", "not UTF-8", argv=lambda c: c.args(f"data.root={_bad_task(c, 'utf8')}"))
 case("label missing from train800val200", "label out of range",
@@ -292,7 +292,7 @@ def test_finished_run_reruns_without_unpickling(finished_run, data_root, tmp_pat
 
 def test_malicious_pickle_runs_nothing(finished_run, data_root, tmp_path, monkeypatch, cli):
     """A crafted checkpoint in a shared run folder: refused in one line, and the code in it never runs."""
-    from common.checkpoint import load_checkpoint
+    from glora.core.checkpoint import load_checkpoint
     run = copy_run(finished_run, tmp_path)
     marker = tmp_path / "pwned"
     monkeypatch.setenv("GLORA_TEST_MARKER", str(marker))
@@ -401,7 +401,7 @@ def test_fail_fast_budget_before_supernet_training(tmp_path, data_root, cli):
 
 
 def test_pretrained_without_network_fails_fast(tmp_path, data_root, cli, monkeypatch):
-    import common.preflight as pf
+    import glora.preflight as pf
     monkeypatch.setattr(pf, "_pretrained_cached", lambda name: False)
     for var in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HF_ENDPOINT"):
         monkeypatch.delenv(var, raising=False)
@@ -409,7 +409,7 @@ def test_pretrained_without_network_fails_fast(tmp_path, data_root, cli, monkeyp
     line = one_line_error(cli(*tiny_args(tmp_path / "o", data_root, "model.pretrained=true")), "cannot be reached")
     assert "model.checkpoint" in line and not (tmp_path / "o").exists()
     monkeypatch.setattr(pf, "_reachable", lambda host, timeout: True)
-    from common.config import load_config
+    from glora.core.config import load_config
     pf.check_pretrained(load_config("tiny", ["model.pretrained=true"]))  # reachable: accepted
 
 
@@ -436,7 +436,7 @@ def test_prepare_existing_task_says_it_left_it(cli, data_root):
                                              ("5e4", "search.population", 50000), ("2", "retrain.lr", 2.0),
                                              ("'3e-4'", "retrain.lr", 3e-4), ("1e1", "glora.ranks", None)])
 def test_numbers_as_people_type_them(typed, key, value, tmp_path):
-    from common.config import load_config
+    from glora.core.config import load_config
     if key == "glora.ranks":
         cfg = load_config("tiny", [f"glora.ranks=[{typed}, 4]"])
         assert cfg.glora.ranks == [10, 4] and all(type(r) is int for r in cfg.glora.ranks)
@@ -452,7 +452,7 @@ def test_numbers_as_people_type_them(typed, key, value, tmp_path):
 
 
 def test_atomic_writes_follow_umask_and_sync(tmp_path, monkeypatch):
-    import common.io as cio
+    import glora.core.io as cio
     synced = []
     real = os.fsync
     monkeypatch.setattr(cio.os, "fsync", lambda fd: (synced.append(fd), real(fd)))
@@ -472,7 +472,7 @@ def test_atomic_writes_follow_umask_and_sync(tmp_path, monkeypatch):
 def test_safetensors_bytes_do_not_depend_on_metadata_order(tmp_path):
     import torch
     from safetensors.torch import load_file
-    from common.io import atomic_save_safetensors
+    from glora.core.io import atomic_save_safetensors
     t = {"b": torch.arange(6.).reshape(2, 3), "a": torch.ones(4)}
     meta = {f"k{i}": str(i) for i in range(12)}
     blobs = set()
@@ -487,7 +487,7 @@ def test_safetensors_bytes_do_not_depend_on_metadata_order(tmp_path):
 
 def test_checkpoint_round_trip_is_exact(tmp_path):
     import torch
-    from common.checkpoint import load_checkpoint, save_checkpoint
+    from glora.core.checkpoint import load_checkpoint, save_checkpoint
     net = torch.nn.Linear(4, 3)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3, betas=(0.8, 0.95))
     net(torch.randn(2, 4)).sum().backward()
@@ -505,7 +505,7 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
 
 
 def test_progress_off_a_terminal_is_a_few_plain_lines():
-    from common.progress import progress_bar
+    from glora.core.progress import progress_bar
     buf = io.StringIO()
     bar = progress_bar(total=5000, desc="supernet 1/2", file=buf)
     for _ in range(5000):

@@ -102,9 +102,9 @@ def test_uniform_largest_choice():
 def test_head_only_on_cached_features_equals_training_the_whole_model(tmp_path):
     """The head-only baseline trains on features computed once; it must reach the weights that training the
     head inside the whole (frozen) model reaches, step for step."""
-    from common.config import load_config
-    from common.engine import InMemorySplit
-    from common.trainer import FitSpec, fit
+    from glora.core.config import load_config
+    from glora.core.engine import InMemorySplit
+    from glora.core.trainer import FitSpec, fit
     from retrain.stage import Method, trainable_view
     from supernet.inject import freeze_all_but, head_names, head_parameters
     torch.manual_seed(0)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import yaml
 
-from common.errors import UserError
+from glora.core.errors import UserError
 from search.evolution import EvolutionSearcher
 from search.operators import check_budget, crossover, mutate, repair, sample_in_budget
 from supernet.space import LayerChoice, LayerSpec, SearchSpace, Subnet

@@ -3,8 +3,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import common.trainer as st
-from common.config import load_config
+import glora.core.trainer as st
+from glora.core.config import load_config
 from supernet.train import train_supernet
 
 TINY = ["model.name=vit_tiny_patch16_224", "model.checkpoint=''",

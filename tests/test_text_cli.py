@@ -99,7 +99,7 @@ def test_text_task_baselines_and_lr_grid(cli, tmp_path):
     forward_head to cache features with), and every method's lr is chosen on val200."""
     import numpy as np
 
-    from common.checkpoint import checkpoint_info
+    from glora.core.checkpoint import checkpoint_info
     task, _ = make_task(tmp_path / "text", np.random.default_rng(0))
     make_model_folder(tmp_path / "bert-tiny")
     out = tmp_path / "run"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from common.errors import UserError
+from glora.core.errors import UserError
 
 SPLITS = ("train800", "val200", "train800val200", "test")
 FORMATS = (".jsonl", ".csv")

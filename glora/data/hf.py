@@ -5,7 +5,7 @@ else from ``name`` (a folder, or a hub name such as ``bert-base-uncased``, which
 ``pretrained: false`` without a checkpoint builds the architecture of ``name`` with random weights.
 
 The CLI's training loop calls ``model(x)`` with one tensor and expects logits: :func:`packed_forward` makes a
-model accept the packed tokens of :mod:`data.text` (``(N, 2, L)``: ids and attention mask) and return
+model accept the packed tokens of :mod:`glora.data.text` (``(N, 2, L)``: ids and attention mask) and return
 ``logits (N, K)`` for such a call. Any other call is left as it is, so the layer names, the state dict and
 ``save_pretrained`` stay those of the plain Hugging Face model.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from common.errors import UserError
+from glora.core.errors import UserError
 
 from .text import is_packed_tokens, unpack_tokens
 

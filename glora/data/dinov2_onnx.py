@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.errors import UserError
-from common.io import atomic_save_safetensors
+from glora.core.errors import UserError
+from glora.core.io import atomic_save_safetensors
 
 ONNX_BACKBONE_PREFIX = "backbone."
 TIMM_MODEL_NAME = "vit_small_patch14_dinov2"

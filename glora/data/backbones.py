@@ -26,14 +26,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from common.errors import UserError
-from data import cache_dir
+from glora.core.errors import UserError
+from glora.data import cache_dir
 
 OFFLINE_PREFIX = "offline:"
 
 
 def _dinov2_vits14(path: Path) -> Path:
-    from data.dinov2_onnx import convert_to_cache
+    from glora.data.dinov2_onnx import convert_to_cache
     return convert_to_cache(path)
 
 

@@ -16,9 +16,9 @@ import socket
 from pathlib import Path
 from typing import Any, Iterable
 
-from .config import Config
-from .errors import UserError
-from .io import atomic_write_json
+from .core.config import Config
+from .core.errors import UserError
+from .core.io import atomic_write_json
 
 _logger = logging.getLogger("glora")
 
@@ -51,7 +51,7 @@ BASE_KEYS = ("seed", "precision", "model", "data.root", "data.task", "data.image
 
 
 def _is_hf(cfg: Config) -> bool:
-    from .build import model_source
+    from .core.build import model_source
     return model_source(cfg) == "hf"
 
 
@@ -157,15 +157,15 @@ def check_stage_files(cfg: Config, stage: str) -> None:
     folder = stage_folder(cfg, stage)
     if not folder.is_dir():
         return
-    from .checkpoint import checkpoint_info
-    from .io import read_jsonl
+    from .core.checkpoint import checkpoint_info
+    from .core.io import read_jsonl
     if stage in ("supernet", "retrain"):
         read_jsonl(folder / "log.jsonl")
     if stage == "supernet":
         checkpoint_info(folder)
         adapters = folder / "adapters.safetensors"
         if adapters.exists():
-            from .io import load_safetensors
+            from .core.io import load_safetensors
             load_safetensors(adapters, f"delete {folder} to train the supernet again")
     elif stage == "search":
         from search.evolution import read_history, read_state
@@ -234,11 +234,11 @@ def check_output_dir(cfg: Config) -> None:
 def check_data(cfg: Config) -> None:
     """The task's list files (labels, encoding) when the task folder exists; the errors of a missing one."""
     if _is_hf(cfg):  # a text task: every split's lines read and checked (labels, fields)
-        from data.text import text_num_classes
+        from glora.data.text import text_num_classes
         text_num_classes(cfg.data.root, cfg.data.task)
         return
-    from data.offline import OFFLINE_TASKS, ensure_task
-    from data.vtab import num_classes
+    from glora.data.offline import OFFLINE_TASKS, ensure_task
+    from glora.data.vtab import num_classes
     target = Path(cfg.data.root) / cfg.data.task
     if target.is_dir():
         num_classes(cfg.data.root, cfg.data.task)
@@ -252,7 +252,7 @@ def model_space(cfg: Config):
     """The search space of ``cfg``'s model, from a weightless copy on the meta device (no memory, no download):
     checks the model name, ``model.kwargs``, ``num_blocks`` and ``glora`` at once."""
     import torch
-    from data.backbones import create_backbone
+    from glora.data.backbones import create_backbone
     from supernet.inject import layer_specs
     from supernet.space import SearchSpace
     g = cfg.glora
@@ -260,7 +260,7 @@ def model_space(cfg: Config):
     try:
         with torch.device("meta"):
             if hf:
-                from data.hf import reference_hf_classifier
+                from glora.data.hf import reference_hf_classifier
                 if cfg.model.num_blocks:
                     raise UserError("model.num_blocks applies to timm models; with model.source: hf set "
                                     "model.kwargs.num_hidden_layers instead")
@@ -283,7 +283,7 @@ def model_space(cfg: Config):
 
 def check_max_length(cfg: Config, model) -> None:
     """``data.max_length`` of a text task fits the model's position table."""
-    from data.hf import max_positions
+    from glora.data.hf import max_positions
     length, limit = cfg.data.get("max_length", 128), max_positions(model)
     if limit and isinstance(length, int) and length > limit:
         raise UserError(f"config key data.max_length: {length} tokens exceed the {limit} positions of the model")
@@ -292,7 +292,7 @@ def check_max_length(cfg: Config, model) -> None:
 def check_checkpoint_path(cfg: Config) -> None:
     """A ``model.checkpoint`` file that is not there is found now, not after the data is prepared."""
     if _is_hf(cfg):  # a save_pretrained folder (config.json, weights, tokenizer)
-        from data.hf import weights_source
+        from glora.data.hf import weights_source
         weights_source(cfg.model.name, cfg.model.checkpoint)
         return
     ck = str(cfg.model.checkpoint)
@@ -342,7 +342,7 @@ def check_pretrained(cfg: Config) -> None:
     local folder): refuse at once, in one line, when it is not cached and the hub cannot be reached (instead of a
     minute of retries)."""
     if _is_hf(cfg):
-        from data.hf import weights_source
+        from glora.data.hf import weights_source
         source = weights_source(cfg.model.name, cfg.model.checkpoint)
         if _hf_model_cached(source):
             return

@@ -19,8 +19,8 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from common.errors import UserError
-from data import cache_dir
+from glora.core.errors import UserError
+from glora.data import cache_dir
 
 N_TRAIN, N_VAL = 800, 200
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -339,7 +339,7 @@ def prepare_task(name: str, root: str | os.PathLike, seed: int = 0, overwrite: b
         with open(tmp / "offline_task.json", "w") as f:
             json.dump(info, f, indent=2, sort_keys=True)
             f.write("\n")
-        from common.io import current_umask
+        from glora.core.io import current_umask
         os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700; the task folder is shared like any other
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{name}.old-", dir=root))

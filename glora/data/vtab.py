@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common.errors import UserError
+from glora.core.errors import UserError
 
 SPLITS = ("train800", "val200", "train800val200", "test")
 

@@ -12,8 +12,8 @@ import os
 import re
 from pathlib import Path
 
-from common.errors import UserError
-from common.io import atomic_write_text
+from glora.core.errors import UserError
+from glora.core.io import atomic_write_text
 
 FEWSHOT_TASK = re.compile(r"^(?P<name>.+)_shot(?P<shot>\d+)_seed(?P<seed>\d+)$")
 

@@ -8,10 +8,10 @@ import json
 import logging
 from pathlib import Path
 
-from . import dist
-from .config import load_config
-from .errors import UserError
-from .io import atomic_write_text
+from .core import dist
+from .core.config import load_config
+from .core.errors import UserError
+from .core.io import atomic_write_text
 
 _logger = logging.getLogger("glora")
 
@@ -50,7 +50,7 @@ def run_suite(config: str | None, overrides: list[str], tasks: list[str], progre
     rows = []
     for i, cfg in enumerate(cfgs):
         _logger.info("suite: task %s (%d/%d) into %s", cfg.data.task, i + 1, len(cfgs), cfg.output_dir)
-        from .config import dump_config
+        from .core.config import dump_config
         if dist.is_main():  # under torchrun rank 0 writes, every rank runs the stages
             Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
             dump_config(cfg, Path(cfg.output_dir) / "config.yaml")
@@ -149,7 +149,7 @@ def _mean_std(values) -> str:
 
 def fewshot_lines(rows: list[dict], methods: list[tuple[str, str]]) -> list[str]:
     """Few-shot tasks (``<name>_shot<K>_seed<S>``): test top-1 per (name, K) as mean ± sample std over seeds."""
-    from data.fewshot import FEWSHOT_TASK
+    from glora.data.fewshot import FEWSHOT_TASK
     groups: dict[tuple[str, int], list[dict]] = {}
     for r in rows:
         m = FEWSHOT_TASK.match(r["task"])

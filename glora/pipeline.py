@@ -6,9 +6,9 @@ import logging
 import time
 from pathlib import Path
 
-from . import dist
-from .config import Config
-from .io import atomic_write_json
+from .core import dist
+from .core.config import Config
+from .core.io import atomic_write_json
 from .preflight import record_settings
 
 _logger = logging.getLogger("glora")

@@ -1,7 +1,7 @@
 """Build what every stage needs from a resolved config: the task data and the backbone.
 
 ``model.source`` picks the kind: ``timm`` (image models, VTAB-1k image lists) or ``hf`` (Hugging Face
-transformers sequence classifiers, text tasks of :mod:`data.text`)."""
+transformers sequence classifiers, text tasks of :mod:`glora.data.text`)."""
 from __future__ import annotations
 
 import logging
@@ -27,17 +27,17 @@ def model_source(cfg) -> str:
 
 def tokenizer_source(cfg) -> str:
     """Where an ``hf`` model's tokenizer is read from: ``model.checkpoint``, else ``model.name``."""
-    from data.hf import weights_source
+    from glora.data.hf import weights_source
     return weights_source(cfg.model.name, cfg.model.checkpoint)
 
 
 def prepare_data(cfg) -> int:
     """Make sure the task folder exists (generating an offline task on first use); return the class count."""
     if model_source(cfg) == "hf":
-        from data.text import text_num_classes
+        from glora.data.text import text_num_classes
         return text_num_classes(cfg.data.root, cfg.data.task)
-    from data.offline import ensure_task
-    from data.vtab import num_classes
+    from glora.data.offline import ensure_task
+    from glora.data.vtab import num_classes
 
     from . import dist
     with dist.main_first():  # under torchrun the first rank of a node writes a missing task, the others read it
@@ -51,10 +51,10 @@ def build_backbone(cfg, num_classes: int) -> nn.Module:
     m = cfg.model
     with dist.main_first():  # under torchrun the first rank of a node fills the weight caches first
         if model_source(cfg) == "hf":
-            from data.hf import create_hf_classifier
+            from glora.data.hf import create_hf_classifier
             return create_hf_classifier(m.name, num_classes, pretrained=m.pretrained, checkpoint=m.checkpoint,
                                         kwargs=dict(m.kwargs), num_blocks=m.num_blocks)
-        from data.backbones import create_backbone
+        from glora.data.backbones import create_backbone
         return create_backbone(m.name, num_classes=num_classes, pretrained=m.pretrained, checkpoint=m.checkpoint,
                                kwargs=dict(m.kwargs), num_blocks=m.num_blocks)
 
@@ -75,15 +75,15 @@ def reference_model(cfg, num_classes: int) -> nn.Module:
     """The untouched architecture the merged weights must load into (random weights: only keys and shapes)."""
     m = cfg.model
     if model_source(cfg) == "hf":
-        from data.hf import reference_hf_classifier
+        from glora.data.hf import reference_hf_classifier
         return reference_hf_classifier(m.name, num_classes, checkpoint=m.checkpoint, kwargs=dict(m.kwargs))
-    from data.backbones import create_backbone
+    from glora.data.backbones import create_backbone
     return create_backbone(m.name, num_classes=num_classes, kwargs=dict(m.kwargs), num_blocks=m.num_blocks)
 
 
 def _text_split(cfg, model: nn.Module, split: str, in_memory: bool):
-    from data.hf import load_tokenizer, max_positions
-    from data.text import load_text_split
+    from glora.data.hf import load_tokenizer, max_positions
+    from glora.data.text import load_text_split
     length = cfg.data.get("max_length", 128)
     limit = max_positions(model) if model is not None else 0
     if limit and isinstance(length, int) and length > limit:
@@ -97,10 +97,10 @@ def _text_split(cfg, model: nn.Module, split: str, in_memory: bool):
 
 def load_split(cfg, model: nn.Module, split: str, in_memory: bool = True, progress: bool = True):
     """A split as an :class:`InMemorySplit` (decoded once) or a streaming dataset (``in_memory=False``).
-    Text tasks (``model.source: hf``) are tokenized once into packed tokens (:mod:`data.text`)."""
+    Text tasks (``model.source: hf``) are tokenized once into packed tokens (:mod:`glora.data.text`)."""
     if model_source(cfg) == "hf":
         return _text_split(cfg, model, split, in_memory)
-    from data.vtab import VtabDataset, build_transform
+    from glora.data.vtab import VtabDataset, build_transform
     transform = build_transform(model, input_size(cfg, model))
     ds = VtabDataset(cfg.data.root, cfg.data.task, split, transform)
     if not in_memory:
@@ -117,12 +117,6 @@ def stream_batches(cfg, dataset, shard: bool = True):
         dataset = torch.utils.data.Subset(dataset, dist.shard_indices(len(dataset)))
     return torch.utils.data.DataLoader(dataset, batch_size=cfg.data.eval_batch_size, shuffle=False,
                                        num_workers=cfg.data.num_workers)
-
-
-def build_supernet(cfg, num_classes: int):
-    """Kept for callers of the earlier location: the supernet is built by :func:`supernet.train.build_supernet`."""
-    from supernet.train import build_supernet as build
-    return build(cfg, num_classes)
 
 
 def stage_dir(cfg, stage: str) -> Path:

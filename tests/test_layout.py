@@ -1,0 +1,48 @@
+"""The layering of the packages and their names in site-packages."""
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+UPPER = ("supernet", "search", "retrain", "run_search", "glora.pipeline", "glora.suite", "glora.preflight")
+
+
+def _imports(path: Path) -> set[str]:
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.add(node.module)
+    return out
+
+
+def test_ground_layer_imports_nothing_above_it():
+    """glora.core (config, files, training loop) and glora.data import neither the stages nor the orchestration."""
+    files = list((ROOT / "glora" / "core").glob("*.py")) + list((ROOT / "glora" / "data").glob("*.py"))
+    assert len(files) > 10
+    bad = [(f.name, m) for f in files for m in _imports(f) if m.split(".")[0] in UPPER[:4] or m in UPPER[4:]]
+    assert not bad, bad
+
+
+def test_no_top_level_common_or_data_package():
+    assert not (ROOT / "common").exists() and not (ROOT / "data").exists()
+    cfg = (ROOT / "setup.cfg").read_text()
+    assert "common*" not in cfg and "data*" not in cfg and "glora*" in cfg
+
+
+def test_installed_package_is_not_shadowed_by_a_users_data_or_common_folder(tmp_path):
+    """A user's working folder with its own data/ and common/ packages: ours still import, theirs stay theirs."""
+    for name in ("data", "common"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text(f"MINE = {name!r}\n")
+    code = ("import data, common, glora.core.config, glora.data.vtab, supernet, search.evolution, retrain.stage, "
+            "run_search; assert data.MINE == 'data' and common.MINE == 'common'; "
+            "import glora; print(glora.__file__)")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the installed package (make venv)
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert Path(r.stdout.strip()).resolve().is_relative_to(ROOT / "glora")
