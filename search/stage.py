@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from common import accel
 from common.build import build_supernet, load_split, prepare_data, stage_dir
 from common.config import Config
 from common.engine import evaluate, resolve_device, set_threads
@@ -42,12 +43,13 @@ def search_complete(cfg: Config) -> bool:
 def run_search(cfg: Config, progress: bool = True) -> dict:
     set_threads(cfg.threads)
     device = resolve_device(cfg.device)
+    accel.configure(cfg, device)
     s = cfg.search
     num_classes = prepare_data(cfg)
     sn = load_trained_supernet(cfg, num_classes, device).eval()
     min_p, max_p = int(round(s.min_params_m * 1e6)), int(round(s.max_params_m * 1e6))
     check_budget(sn.space, min_p, max_p)  # before any image is loaded
-    val = load_split(cfg, sn.model, "val200", progress=progress)
+    val = load_split(cfg, sn.model, "val200", progress=progress, device=device)  # on the GPU: no copy a candidate
 
     def score(subnet: Subnet) -> float:
         sn.set_subnet(subnet, freeze=True)  # fold each layer once; every batch then runs plain linears

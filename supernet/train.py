@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import dist
+from common import accel, dist
 from common.build import build_supernet, load_split, prepare_data, stage_dir
 from common.config import Config
 from common.engine import evaluate, resolve_device, set_threads
@@ -42,11 +42,12 @@ def train_supernet(cfg: Config, progress: bool = True) -> dict:
     set_threads(cfg.threads)
     out = stage_dir(cfg, "supernet")
     device = resolve_device(cfg.device)
+    accel.configure(cfg, device)  # TF32 / deterministic; never torch.compile: the path changes every step
     s = cfg.supernet
     num_classes = prepare_data(cfg)
     sn = build_supernet(cfg, num_classes).to(device)
-    train = load_split(cfg, sn.model, "train800", progress=progress)
-    val = load_split(cfg, sn.model, "val200", progress=progress)
+    train = load_split(cfg, sn.model, "train800", progress=progress, device=device)
+    val = load_split(cfg, sn.model, "val200", progress=progress, device=device)
     probes = [sn.space.path(cfg.seed + PROBE_SEED_OFFSET, k) for k in range(s.probe_paths)]
 
     def probe(epoch: int) -> dict:
