@@ -156,3 +156,27 @@ def test_full_run_with_retrain_and_merge_check_on_cuda(tmp_path, data_root):
     assert m["merge_max_abs_diff"] <= 1e-3 and 0.0 <= m["test_acc"] <= 1.0
     settings = json.loads((out / "supernet" / "settings.json").read_text())
     assert settings["fingerprint"]["precision"] == "bf16"  # auto on CUDA
+
+
+def _bench_gpu():
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "bench_gpu.py")
+    spec = importlib.util.spec_from_file_location("bench_gpu", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without CUDA")
+def test_gpu_bench_without_cuda_exits_2_with_one_line(capsys):
+    assert _bench_gpu().main([]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no CUDA device" in err
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_bench_tiny(tmp_path):
+    out = tmp_path / "gpu.md"
+    assert _bench_gpu().main(["--model", "tiny", "--steps", "2", "--warmup", "1", "--out", str(out)]) == 0
+    assert "| bf16 |" in out.read_text()
