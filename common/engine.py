@@ -116,13 +116,14 @@ class InMemorySplit:
             order = torch.randperm(n, generator=g)
         else:
             order = torch.arange(n)
+        if self.images.device.type != "cpu":
+            order = order.to(self.images.device)
         for i in range(self.num_batches(batch_size, drop_last)):
             idx = order[i * batch_size:(i + 1) * batch_size]
             if shard:
                 lo, hi = dist.shard_range(len(idx))
                 idx = idx[lo:hi]
-            if self.images.device.type != "cpu":
-                idx = idx.to(self.images.device, non_blocking=True)
+            if self.images.device.type != "cpu":  # ``order`` is on the device already: no copy a batch
                 yield self.images[idx], self.labels[idx]
             elif self.images.is_pinned():  # gathered into pinned memory, so the copy to the GPU is asynchronous
                 yield (torch.index_select(self.images, 0, idx, out=_pinned(self.images, len(idx))),
