@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 CONFIG ?= demo
 
-.PHONY: venv demo test test-all bench clean
+.PHONY: venv demo test test-all test-gpu bench bench-gpu clean
 
 $(BIN)/.installed: setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,6 +24,12 @@ test: venv
 
 test-all: venv
 	$(BIN)/python -m pytest -q -m ""
+
+test-gpu: venv
+	$(BIN)/python -m pytest -q -m gpu tests/test_gpu.py
+
+bench-gpu: venv
+	$(BIN)/python bench/bench_gpu.py
 
 bench: venv
 	$(BIN)/python -m pip install -q -e ".[bench]"

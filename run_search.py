@@ -82,6 +82,8 @@ def cmd_run(argv: list[str]) -> int:
             import yaml
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
+    from glora.core import accel
+    accel.configure(cfg)  # deterministic: the cuBLAS workspace setting before anything starts CUDA
     dist.init(cfg.device, cfg.data.batch_size)  # under torchrun: join the job (nothing without it)
     out = Path(cfg.output_dir)
     stages = STAGES if args.stage == "all" else (args.stage,)

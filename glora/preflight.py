@@ -73,6 +73,15 @@ def _file_digest(path: Path) -> str | None:
 
 
 def stage_fingerprint(cfg: Config, stage: str) -> dict:
+    """See :func:`_stage_fingerprint`; ``precision`` as it resolves on this run's device (``auto`` is fp32 on the
+    CPU, so a CPU run keeps the fingerprint it had before ``auto`` existed)."""
+    fp = _stage_fingerprint(cfg, stage)
+    from .accel import config_device_type, resolve_precision
+    fp["precision"] = resolve_precision(cfg.precision, config_device_type(cfg.device))
+    return fp
+
+
+def _stage_fingerprint(cfg: Config, stage: str) -> dict:
     """Every config value that changes what ``stage`` computes, those of the stages it reads from included, as
     ``{dotted key: value}``.
 
@@ -90,7 +99,7 @@ def stage_fingerprint(cfg: Config, stage: str) -> dict:
         if cfg.retrain.subnet:
             fp["retrain.subnet (sha256 of the file)"] = _file_digest(Path(cfg.retrain.subnet))
         else:
-            fp.update(stage_fingerprint(cfg, "search"))
+            fp.update(_stage_fingerprint(cfg, "search"))
             fp["search.generations"] = cfg.search.generations
         return fp
     raise ValueError(stage)

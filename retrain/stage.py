@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from glora.core import dist
-from glora.core.build import (build_backbone, load_split, model_source, prepare_data, stage_dir, stream_batches,
+from glora.core import accel, dist
+from glora.core.build import (build_backbone, first_batch, load_split, model_source, prepare_data, stage_dir, stream_batches,
                           tokenizer_source)
 from glora.core.checkpoint import CHECKPOINT
 from glora.core.config import Config
@@ -157,7 +157,7 @@ def head_features(model: nn.Module, split: InMemorySplit, device: torch.device, 
     for x, _ in split.batches(batch_size, shard=False):
         with autocast(device, precision):
             f = model.forward_head(model.forward_features(x.to(device)), pre_logits=True)
-        feats.append(f.float().cpu())
+        feats.append(f.float().to(split.images.device))  # where the split is (the CPU, or the GPU)
     return InMemorySplit(torch.cat(feats), split.labels)
 
 
@@ -213,6 +213,7 @@ def select_lr(cfg: Config, method: Method, num_classes: int, train800, val200, o
         model = method.build(cfg, num_classes, device)
         net, (tr, va) = trainable_view(cfg, method, model, [train800, val200], device, feats)
         named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        net = accel.maybe_compile(net, cfg.retrain.compile)
         fit(net, named, tr, _fit_spec(cfg, f"{method.key} {_lr_tag(lr)} (train800)", fp, lr=lr), d,
             device, progress=progress, head_names=head_names(model))
         acc = evaluate(net, va.batches(cfg.data.eval_batch_size), device, cfg.precision)  # the same on every rank
@@ -237,7 +238,8 @@ def run_method(cfg: Config, method: Method, num_classes: int, splits: dict, out:
     fp = dict(method.fingerprint(cfg), lr=lr)
     if not method.key.startswith("glora"):
         fp["split"] = "train800val200"
-    fit(net, named, train, _fit_spec(cfg, f"{method.key} (train800val200)", fp, lr=lr), out,
+    fit(accel.maybe_compile(net, cfg.retrain.compile), named, train,
+        _fit_spec(cfg, f"{method.key} (train800val200)", fp, lr=lr), out,
         device, progress=progress, head_names=head_names(model))
     info = {"lr": lr, "val_acc_by_lr": scores, "select_time_s": round(t_select, 1),
             "train_time_s": round(time.time() - t0, 1),
@@ -249,6 +251,7 @@ def run_method(cfg: Config, method: Method, num_classes: int, splits: dict, out:
 def run_retrain(cfg: Config, progress: bool = True) -> dict:
     set_threads(cfg.threads)
     device = resolve_device(cfg.device)
+    accel.configure(cfg, device)
     out = stage_dir(cfg, cfg.retrain.dir)
     num_classes = prepare_data(cfg)
     spath = subnet_path(cfg)
@@ -259,11 +262,12 @@ def run_retrain(cfg: Config, progress: bool = True) -> dict:
     if cfg.retrain.top_k > 1 and not cfg.retrain.subnet:
         candidates += [c for c in topk_subnets(cfg, cfg.retrain.top_k) if c != subnet][:cfg.retrain.top_k - 1]
 
-    splits = {"train800val200": load_split(cfg, model_for_data(cfg, num_classes), "train800val200", progress=progress)}
+    splits = {"train800val200": load_split(cfg, model_for_data(cfg, num_classes), "train800val200", progress=progress,
+                                           device=device)}
     if cfg.retrain.lr_grid or len(candidates) > 1:
         ref = model_for_data(cfg, num_classes)
-        splits["train800"] = load_split(cfg, ref, "train800", progress=progress)
-        splits["val200"] = load_split(cfg, ref, "val200", progress=progress)
+        splits["train800"] = load_split(cfg, ref, "train800", progress=progress, device=device)
+        splits["val200"] = load_split(cfg, ref, "val200", progress=progress, device=device)
     test_ds = load_split(cfg, model_for_data(cfg, num_classes), "test", in_memory=False)
 
     glora = Method("glora", "GLoRA (searched)", subnet, cfg.retrain.init)
@@ -306,11 +310,10 @@ def run_retrain(cfg: Config, progress: bool = True) -> dict:
         atomic_save_safetensors(out / "adapters.safetensors",
                                 {n: p for n, p in model.named_parameters() if p.requires_grad})
     model.eval()
-    x = next(iter(stream_batches(cfg, test_ds, shard=False)))[0].to(device)  # the same batch on every rank
-    with torch.no_grad():
-        before = model(x).float()
+    x = first_batch(cfg, test_ds).to(device)  # the same batch on every rank, decoded without loader workers
     merged = merge_and_unload(copy.deepcopy(model))
-    with torch.no_grad():
+    with torch.no_grad(), accel.fp32_exact():  # both in fp32 without TF32: compared to fp32 rounding
+        before = model(x).float()
         after = merged(x).float()
     diff = float((before - after).abs().max())
     if not diff <= cfg.retrain.merge_atol:
@@ -328,7 +331,8 @@ def run_retrain(cfg: Config, progress: bool = True) -> dict:
     # the test split is scored once, on the merged model (what a user deploys); the adapted model computes the
     # same logits up to merge_max_abs_diff
     t0 = time.time()
-    test_acc = evaluate(merged, stream_batches(cfg, test_ds), device, cfg.precision,
+    test_acc = evaluate(accel.maybe_compile(merged, cfg.retrain.compile), stream_batches(cfg, test_ds, device=device),
+                        device, cfg.precision,
                         desc="test (merged)" if progress else "")
     info["test_time_s"] = round(time.time() - t0, 1)
     del model, merged
@@ -336,7 +340,8 @@ def run_retrain(cfg: Config, progress: bool = True) -> dict:
     baselines = {}
     for m in methods[1:]:
         bmodel, binfo = run_method(cfg, m, num_classes, splits, out / BASELINE_DIRS[m.key], device, progress)
-        binfo["test_acc"] = evaluate(bmodel, stream_batches(cfg, test_ds), device, cfg.precision,
+        binfo["test_acc"] = evaluate(accel.maybe_compile(bmodel, cfg.retrain.compile),
+                                     stream_batches(cfg, test_ds, device=device), device, cfg.precision,
                                      desc=f"test ({m.label})" if progress else "")
         binfo["label"] = m.label
         if m.key == "lora":

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from glora.core import accel
 from glora.core.build import load_split, prepare_data, stage_dir
 from glora.core.config import Config
 from glora.core.engine import evaluate, resolve_device, set_threads
@@ -26,12 +27,13 @@ def search_complete(cfg: Config) -> bool:
 def run_search(cfg: Config, progress: bool = True) -> dict:
     set_threads(cfg.threads)
     device = resolve_device(cfg.device)
+    accel.configure(cfg, device)
     s = cfg.search
     num_classes = prepare_data(cfg)
     sn = load_trained_supernet(cfg, num_classes, device).eval()
     min_p, max_p = int(round(s.min_params_m * 1e6)), int(round(s.max_params_m * 1e6))
     check_budget(sn.space, min_p, max_p)  # before any image is loaded
-    val = load_split(cfg, sn.model, "val200", progress=progress)
+    val = load_split(cfg, sn.model, "val200", progress=progress, device=device)  # on the GPU: no copy a candidate
 
     def score(subnet: Subnet) -> float:
         sn.set_subnet(subnet, freeze=True)  # fold each layer once; every batch then runs plain linears

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from glora.core import dist
+from glora.core import accel, dist
 from glora.core.build import build_backbone, load_split, prepare_data, stage_dir
 from glora.core.config import Config
 from glora.core.engine import evaluate, resolve_device, set_threads
@@ -75,11 +75,12 @@ def train_supernet(cfg: Config, progress: bool = True) -> dict:
     set_threads(cfg.threads)
     out = stage_dir(cfg, "supernet")
     device = resolve_device(cfg.device)
+    accel.configure(cfg, device)  # TF32 / deterministic; never torch.compile: the path changes every step
     s = cfg.supernet
     num_classes = prepare_data(cfg)
     sn = build_supernet(cfg, num_classes).to(device)
-    train = load_split(cfg, sn.model, "train800", progress=progress)
-    val = load_split(cfg, sn.model, "val200", progress=progress)
+    train = load_split(cfg, sn.model, "train800", progress=progress, device=device)
+    val = load_split(cfg, sn.model, "val200", progress=progress, device=device)
     probes = [sn.space.path(cfg.seed + PROBE_SEED_OFFSET, k) for k in range(s.probe_paths)]
 
     def probe(epoch: int) -> dict:

@@ -49,7 +49,7 @@ def test_overrides_keep_types_and_reach_free_form_mappings():
     ("supernet.lrr=0.1", "unknown config key 'supernet.lrr'; nearest valid: supernet.lr"),
     ("supernet.lr=fast", "supernet.lr: expected float, got 'fast'"),
     ("search.population=2.5", "search.population: expected int"),
-    ("precision=fp16", "precision: 'fp16' is not one of fp32, bf16"),
+    ("precision=fp16", "precision: 'fp16' is not one of auto, fp32, bf16"),
     ("retrain.init=warm", "retrain.init: 'warm' is not one of supernet, scratch"),
     ("glora.ranks=[0]", "glora.ranks"),
     ("search.min_params_m=5", "is above search.max_params_m"),

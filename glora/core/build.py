@@ -95,28 +95,44 @@ def _text_split(cfg, model: nn.Module, split: str, in_memory: bool):
     return InMemorySplit(x, y) if in_memory else torch.utils.data.TensorDataset(x, y)
 
 
-def load_split(cfg, model: nn.Module, split: str, in_memory: bool = True, progress: bool = True):
+def load_split(cfg, model: nn.Module, split: str, in_memory: bool = True, progress: bool = True,
+               device: torch.device | None = None):
     """A split as an :class:`InMemorySplit` (decoded once) or a streaming dataset (``in_memory=False``).
-    Text tasks (``model.source: hf``) are tokenized once into packed tokens (:mod:`glora.data.text`)."""
+    Text tasks (``model.source: hf``) are tokenized once into packed tokens (:mod:`glora.data.text`).
+    ``device``: where the run computes; on CUDA the split goes to the GPU or to pinned memory (``data.on_device``)."""
     if model_source(cfg) == "hf":
-        return _text_split(cfg, model, split, in_memory)
-    from glora.data.vtab import VtabDataset, build_transform
-    transform = build_transform(model, input_size(cfg, model))
-    ds = VtabDataset(cfg.data.root, cfg.data.task, split, transform)
-    if not in_memory:
-        return ds
-    return InMemorySplit.from_dataset(ds, desc=split, batch_size=cfg.data.eval_batch_size,
-                                      num_workers=cfg.data.num_workers, progress=progress)
+        out = _text_split(cfg, model, split, in_memory)
+    else:
+        from glora.data.vtab import VtabDataset, build_transform
+        transform = build_transform(model, input_size(cfg, model))
+        ds = VtabDataset(cfg.data.root, cfg.data.task, split, transform)
+        if not in_memory:
+            return ds
+        out = InMemorySplit.from_dataset(ds, desc=split, batch_size=cfg.data.eval_batch_size,
+                                         num_workers=cfg.data.num_workers, progress=progress)
+    if not in_memory or device is None:
+        return out
+    return out.place(device, cfg.data.get("on_device", "auto"))
 
 
-def stream_batches(cfg, dataset, shard: bool = True):
+def stream_batches(cfg, dataset, shard: bool = True, device: torch.device | None = None):
     """Batches of a streaming split in file order; under torchrun (``shard``) only this rank's items, so no
-    rank decodes the whole split (``evaluate`` sums the counts over ranks)."""
+    rank decodes the whole split (``evaluate`` sums the counts over ranks). ``data.num_workers`` processes
+    decode; for a CUDA ``device`` the batches come in pinned memory (asynchronous copies)."""
     from . import dist
     if shard and dist.world_size() > 1:
         dataset = torch.utils.data.Subset(dataset, dist.shard_indices(len(dataset)))
+    pin = device is not None and device.type == "cuda"
     return torch.utils.data.DataLoader(dataset, batch_size=cfg.data.eval_batch_size, shuffle=False,
-                                       num_workers=cfg.data.num_workers)
+                                       num_workers=cfg.data.num_workers, pin_memory=pin,
+                                       persistent_workers=False)
+
+
+def first_batch(cfg, dataset) -> torch.Tensor:
+    """The images of the split's first ``data.eval_batch_size`` items, decoded here without starting loader
+    workers (what ``stream_batches(..., shard=False)`` yields first)."""
+    n = min(cfg.data.eval_batch_size, len(dataset))
+    return torch.stack([dataset[i][0] for i in range(n)])
 
 
 def stage_dir(cfg, stage: str) -> Path:

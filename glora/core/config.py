@@ -117,6 +117,8 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
     elif isinstance(default, str):
         if isinstance(value, str):
             return value
+        if default == "auto" and isinstance(value, bool):  # auto | true | false keys (data.on_device)
+            return value
     elif isinstance(default, list):
         if isinstance(value, list):
             if default:
@@ -250,7 +252,7 @@ def _positive(key: str, value: Any) -> None:
 
 def validate(cfg: dict) -> None:
     """Checks of values (not only types) that would otherwise fail late in a run, or give a wrong run."""
-    _one_of("precision", cfg["precision"], ["fp32", "bf16"])
+    _one_of("precision", cfg["precision"], ["auto", "fp32", "bf16"])
     dev = cfg["device"]
     if not (dev in ("auto", "cpu", "cuda") or (isinstance(dev, str) and re.fullmatch(r"cuda:\d+", dev))):
         raise UserError(f"config key device: {dev!r} is not one of auto, cpu, cuda, cuda:N")
@@ -272,6 +274,8 @@ def validate(cfg: dict) -> None:
         raise UserError(f"config key data.task: {d['task']!r} must be a task folder name under data.root")
     _at_least("data.image_size", d["image_size"], 0)
     _at_least("data.num_workers", d["num_workers"], 0)
+    if d["on_device"] not in ("auto", True, False):
+        raise UserError(f"config key data.on_device: {d['on_device']!r} is not one of auto, true, false")
     r = cfg["retrain"]
     rd = r["dir"]
     if not rd or "/" in rd or "\\" in rd or rd in (".", "..", "supernet", "search"):

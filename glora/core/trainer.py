@@ -12,7 +12,7 @@ float reduction order. Only rank 0 writes the log and the checkpoint; every rank
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import dist
+from .accel import resolve_precision
 from .checkpoint import CHECKPOINT, checkpoint_info, load_checkpoint, save_checkpoint
 from .engine import InMemorySplit, autocast, lr_at
 from .errors import UserError
@@ -28,6 +29,7 @@ from .io import append_jsonl, atomic_write_text, read_jsonl
 from .progress import progress_bar
 
 LOG = "log.jsonl"
+POSTFIX_EVERY = 20  # steps between the progress bar's loss readings (each one waits for the device)
 
 
 @dataclass
@@ -42,7 +44,7 @@ class FitSpec:
     max_steps_per_epoch: int = 0
     batch_size: int = 32
     seed: int = 0
-    precision: str = "fp32"
+    precision: str = "fp32"  # fp32 | bf16 | auto (bf16 on CUDA)
     head_lr_scale: float = 1.0  # the classifier head's lr is lr * head_lr_scale
     desc: str = "train"
     fingerprint: dict = field(default_factory=dict)  # must match on resume (model, layers, subnet, ...)
@@ -76,6 +78,7 @@ def fit(model: nn.Module, named_params: dict[str, nn.Parameter], train: InMemory
     ``head_names``: the keys of ``named_params`` that belong to the classifier head (see ``head_lr_scale``)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    spec = replace(spec, precision=resolve_precision(spec.precision, device))  # auto: as it runs here
     params = list(named_params.values())
     opt = optimizer_for(named_params, spec.lr, spec.weight_decay, set(head_names), spec.head_lr_scale)
     bs = spec.batch_size
@@ -117,7 +120,11 @@ def fit(model: nn.Module, named_params: dict[str, nn.Parameter], train: InMemory
         # dropout / drop path masks: each rank its own stream (rank 0's is the one-process stream)
         torch.manual_seed(spec.seed * 1_000_003 + epoch + 7_919 * dist.rank() * (world > 1))
         bar = progress_bar(total=steps_per_epoch, desc=f"{spec.desc} {epoch + 1}/{spec.epochs}", enabled=progress)
-        loss_sum, seen, correct = 0.0, 0, 0
+        # summed on the device and read once an epoch (and every POSTFIX_EVERY steps for a shown bar): reading
+        # them every step would stall the GPU twice a step. float64 sums of float32 losses, as Python floats were
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        correct = torch.zeros((), dtype=torch.int64, device=device)
+        seen = 0
         for i, (x, y) in enumerate(train.batches(bs, shuffle=True, seed=spec.seed, epoch=epoch,
                                                  drop_last=drop_last)):
             if i >= steps_per_epoch:
@@ -128,7 +135,7 @@ def fit(model: nn.Module, named_params: dict[str, nn.Parameter], train: InMemory
                 g["lr"] = lr * g["lr_scale"]
             if before_step is not None:
                 before_step(step)
-            x, y = x.to(device), y.to(device)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             opt.zero_grad(set_to_none=True)
             if world > 1:  # this rank's share of the mean over the global batch; grads summed over ranks
                 global_n = min(bs, len(train) - i * bs)
@@ -149,12 +156,14 @@ def fit(model: nn.Module, named_params: dict[str, nn.Parameter], train: InMemory
             if spec.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, spec.grad_clip)
             opt.step()
-            loss_sum += float(loss.detach()) * len(y)
+            loss_sum += loss.detach().double() * len(y)
             seen += len(y)
-            correct += int((logits.detach().argmax(-1) == y).sum())
-            bar.set_postfix(loss=f"{loss_sum / max(seen, 1):.3f}", lr=f"{lr:.1e}")
+            correct += (logits.detach().argmax(-1) == y).sum()
+            if progress and ((i + 1) % POSTFIX_EVERY == 0 or i + 1 == steps_per_epoch):
+                bar.set_postfix(loss=f"{float(loss_sum) / max(seen, 1):.3f}", lr=f"{lr:.1e}")
             bar.update(1)
         bar.close()
+        loss_sum, correct = float(loss_sum), int(correct)
         if world > 1:
             loss_sum, seen, correct = dist.all_reduce_sum([loss_sum, seen, correct])
             seen, correct = int(seen), int(correct)
