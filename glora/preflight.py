@@ -76,7 +76,7 @@ def stage_fingerprint(cfg: Config, stage: str) -> dict:
     """See :func:`_stage_fingerprint`; ``precision`` as it resolves on this run's device (``auto`` is fp32 on the
     CPU, so a CPU run keeps the fingerprint it had before ``auto`` existed)."""
     fp = _stage_fingerprint(cfg, stage)
-    from .accel import config_device_type, resolve_precision
+    from .core.accel import config_device_type, resolve_precision
     fp["precision"] = resolve_precision(cfg.precision, config_device_type(cfg.device))
     return fp
 
