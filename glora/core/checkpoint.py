@@ -111,15 +111,24 @@ def _refuse_legacy(folder: Path) -> None:
                         f"code): delete {folder} to train this stage again, or use another output_dir")
 
 
-def checkpoint_info(folder: str | os.PathLike) -> dict | None:
-    """The non-tensor part of ``<folder>/checkpoint.safetensors`` (epoch, fingerprint), checking that the whole
-    file is there; None when there is no checkpoint."""
+def _checkpoint_header(folder: str | os.PathLike) -> tuple[Path, dict] | None:
+    """``(path, metadata)`` of ``<folder>/checkpoint.safetensors``, None when there is none; an old pickle
+    checkpoint is refused."""
     folder = Path(folder)
     _refuse_legacy(folder)
     path = folder / CHECKPOINT
     if not path.is_file():
         return None
-    meta = _header(path)["__metadata__"]
+    return path, _header(path)["__metadata__"]
+
+
+def checkpoint_info(folder: str | os.PathLike) -> dict | None:
+    """The non-tensor part of ``<folder>/checkpoint.safetensors`` (epoch, fingerprint), checking that the whole
+    file is there; None when there is no checkpoint."""
+    found = _checkpoint_header(folder)
+    if found is None:
+        return None
+    path, meta = found
     try:
         doc = json.loads(meta["state"])
         info = _decode(doc, _Lazy())
@@ -150,12 +159,10 @@ def load_checkpoint(folder: str | os.PathLike) -> dict | None:
     """The state saved by :func:`save_checkpoint` in ``<folder>/checkpoint.safetensors`` (None when there is
     none); a damaged file is a UserError naming it."""
     from safetensors.torch import load
-    folder = Path(folder)
-    _refuse_legacy(folder)
-    path = folder / CHECKPOINT
-    if not path.is_file():
+    found = _checkpoint_header(folder)
+    if found is None:
         return None
-    meta = _header(path)["__metadata__"]
+    path, meta = found
     try:
         tensors = load(path.read_bytes())
         state = _decode(json.loads(meta["state"]), tensors)

@@ -195,20 +195,10 @@ def main_first():
         yield
         return
     if local_rank() == 0:
-        try:
+        with together():
             yield
-        except BaseException as e:
-            failed = failing_ranks(False)
-            if failed and failed[0] == rank():
-                e.report_here = True
-            raise
-        failed = failing_ranks(True)
-        if failed:
-            raise PeerFailed(f"stopped: rank {failed[0]} failed (its message is above)")
     else:
-        failed = failing_ranks(True)
-        if failed:
-            raise PeerFailed(f"stopped: rank {failed[0]} failed (its message is above)")
+        _stop_if_a_peer_failed()
         yield
 
 
@@ -227,6 +217,11 @@ def together():
         if failed and failed[0] == rank():
             e.report_here = True
         raise
+    _stop_if_a_peer_failed()
+
+
+def _stop_if_a_peer_failed() -> None:
+    """This rank succeeded: learn whether another failed (a collective every rank enters once)."""
     failed = failing_ranks(True)
     if failed:
         raise PeerFailed(f"stopped: rank {failed[0]} failed (its message is above)")
