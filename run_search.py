@@ -211,9 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"prepare": cmd_prepare, "inspect": cmd_inspect, "run": cmd_run, "suite": cmd_suite,
                 "fewshot": cmd_fewshot}
     try:
-        if argv and argv[0] in commands:
-            return commands[argv[0]](argv[1:])
-        return cmd_run(argv)
+        rc = commands[argv[0]](argv[1:]) if argv and argv[0] in commands else cmd_run(argv)
+        dist.barrier()  # under torchrun: no rank tears the group down while another still uses it
+        return rc
     except UserError as e:
         if dist.reports(e):  # under torchrun every rank stops, one prints
             print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, whatever the message holds

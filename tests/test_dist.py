@@ -42,6 +42,41 @@ def torchrun(*args, nproc: int = 2) -> subprocess.CompletedProcess:
                           text=True, timeout=TIMEOUT)
 
 
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:  # field 4 of /proc/PID/stat: the parent's pid
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def kill_job(proc: subprocess.Popen) -> None:
+    """SIGKILL a torchrun launcher and its workers (each worker runs in a session of its own, so killing the
+    launcher's group alone would leave them running), then wait until none is left."""
+    workers = _children(proc.pid)
+    os.killpg(proc.pid, signal.SIGKILL)
+    for w in workers:
+        try:
+            os.killpg(w, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=60)
+    t0 = time.time()
+    while any(Path(f"/proc/{w}").exists() and "Z" not in _state(w) for w in workers) and time.time() - t0 < 60:
+        time.sleep(0.05)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
+
+
 def run_args(out, root, *extra):
     sets = [f"output_dir={out}", f"data.root={root}", "supernet.max_steps_per_epoch=6",
             "retrain.max_steps_per_epoch=6", "data.eval_batch_size=50", *extra]
@@ -248,11 +283,11 @@ def test_killed_two_process_run_resumes_to_the_same_result(one_and_two, small_ro
         while not ckpt.is_file() and proc.poll() is None and time.time() - t0 < TIMEOUT:
             time.sleep(0.02)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
+        kill_job(proc)
     assert ckpt.is_file() and not (out / "retrain" / "metrics.json").exists()  # killed mid-run
     r = subprocess.run(args, cwd=ROOT, env=worker_env(), capture_output=True, text=True, timeout=TIMEOUT)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "supernet: starting" in r.stdout + r.stderr  # the rerun resumed the killed stage
     for f in ("search/subnet.yaml", "search/history.jsonl", "supernet/log.jsonl"):
         assert (out / f).read_text() == (two / f).read_text(), f
     for f in ("supernet/adapters.safetensors", "retrain/model_merged.safetensors"):
@@ -304,3 +339,14 @@ def test_errors_under_torchrun(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: unknown config key 'supernet.nope'")
     assert set(re.findall(r"exitcode\s*:\s*(-?\d+)", r.stderr)) == {"2"}  # torchrun's report of the ranks
     assert not (tmp_path / "err").exists()
+
+
+def test_rerun_of_a_finished_two_process_run_exits_cleanly(one_and_two, small_root):
+    """Every stage skipped: the ranks reach the end at different times (rank 0 prints the summary) and must
+    still leave the process group together, with exit code 0 on every rank."""
+    _, two, _ = one_and_two
+    for _ in range(3):
+        r = torchrun("run_search.py", *run_args(two, small_root))
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        assert r.stdout.count("already complete") == 3
+        assert "terminate called" not in r.stderr
