@@ -30,6 +30,10 @@ UNIFORM = {
     "glora_av": LayerChoice("lora_4", "vector", "vector", "vector", "vector"),
     "glora_vl": LayerChoice("vector", "lora_4", "vector", "vector", "vector"),
     "vectors": LayerChoice("vector", "vector", "vector", "vector", "vector"),
+    # B = lora_2 with vectors for A, D, E: 271,872 params on ViT-S, under LoRA r=4's 294,912
+    "l2_ade": LayerChoice("vector", "lora_2", "none", "vector", "vector"),
+    "l2_acde": LayerChoice("vector", "lora_2", "vector", "vector", "vector"),
+    "l2": LayerChoice("none", "lora_2", "none", "none", "none"),
     "head": None,
 }
 
@@ -75,7 +79,7 @@ def main() -> None:
                           head_names=head_names(model))
             acc = evaluate(model, val.batches(100), torch.device("cpu"))
             print(json.dumps({"task": args.task, "subnet": name, "lr": lr, "params": n_ad, "val_acc": acc,
-                              "train_loss": log[-1]["loss"], "time_s": round(time.time() - t0, 1),
+                              "train_loss": log[-1]["loss"], "losses": [round(r["loss"], 3) for r in log], "time_s": round(time.time() - t0, 1),
                               "extra": args.set}), flush=True)
 
 

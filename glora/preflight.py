@@ -287,7 +287,9 @@ def model_space(cfg: Config):
     if hf:
         check_max_length(cfg, model)
     return SearchSpace(layer_specs(model, list(g.target_modules)), ranks=list(g.ranks),
-                       choices_ab=list(g.choices_ab), choices_c=list(g.choices_c), choices_de=list(g.choices_de))
+                       choices_ab=list(g.choices_ab), choices_c=list(g.choices_c), choices_de=list(g.choices_de),
+                       choices_a=None if g.choices_a is None else list(g.choices_a),
+                       choices_b=None if g.choices_b is None else list(g.choices_b))
 
 
 def check_max_length(cfg: Config, model) -> None:

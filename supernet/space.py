@@ -161,21 +161,24 @@ class Subnet:
 class SearchSpace:
     """The choices each tensor of each layer may take, and the subnets they make.
 
-    ``choices_*`` hold kinds (``lora`` expands to one ``lora_<r>`` per rank) or explicit ``lora_<r>`` names.
+    ``choices_*`` hold kinds (``lora`` expands to one ``lora_<r>`` per rank) or explicit ``lora_<r>`` names;
+    ``choices_a`` / ``choices_b``, when given, replace ``choices_ab`` for that tensor alone.
     Layers without a bias have C, D and E fixed to ``none`` (a merged model keeps the base architecture).
     """
 
     def __init__(self, specs: Sequence[LayerSpec], ranks: Iterable[int] = (4,),
                  choices_ab: Iterable[str] = ("lora", "vector", "scalar", "none"),
                  choices_c: Iterable[str] = ("lora", "vector", "none"),
-                 choices_de: Iterable[str] = ("vector", "scalar", "none")):
+                 choices_de: Iterable[str] = ("vector", "scalar", "none"),
+                 choices_a: Iterable[str] | None = None, choices_b: Iterable[str] | None = None):
         self.specs = tuple(specs)
         self.names = tuple(s.name for s in self.specs)
         self.ranks = tuple(sorted({int(r) for r in ([ranks] if isinstance(ranks, int) else ranks)}))
         if not self.ranks or any(r <= 0 for r in self.ranks):
             raise UserError(f"glora.ranks must be a non-empty list of positive integers, got {list(self.ranks)}")
         self.tensor_options = {
-            "A": self._expand(choices_ab, "A"), "B": self._expand(choices_ab, "B"),
+            "A": self._expand(choices_ab if choices_a is None else choices_a, "A"),
+            "B": self._expand(choices_ab if choices_b is None else choices_b, "B"),
             "C": self._expand(choices_c, "C"),
             "D": self._expand(choices_de, "D"), "E": self._expand(choices_de, "E"),
         }

@@ -40,11 +40,16 @@ def supernet_complete(cfg: Config) -> bool:
     return (out / ADAPTERS).is_file() and checkpoint_epoch(out) >= cfg.supernet.epochs
 
 
+def _opt_list(v):
+    return None if v is None else list(v)
+
+
 def glora_options(glora) -> dict:
     """The ``GloraSupernet`` keyword arguments of a config's ``glora`` section (plain lists and values)."""
     return dict(target_modules=list(glora.target_modules), ranks=list(glora.ranks),
                 choices_ab=list(glora.choices_ab), choices_c=list(glora.choices_c),
                 choices_de=list(glora.choices_de), parametrisation=glora.parametrisation,
+                choices_a=_opt_list(glora.choices_a), choices_b=_opt_list(glora.choices_b),
                 a_lora_scale=glora.a_lora_scale)
 
 

@@ -22,7 +22,8 @@ class GloraSupernet(nn.Module):
             ``attention.self.query``, ``blocks\\.[0-3]\\.mlp\\.fc1``). The classifier head (timm
             ``get_classifier()``, Hugging Face ``classifier`` / ``score`` / ``lm_head``) is never a target.
         ranks: LoRA ranks of the space (``lora_<r>`` for each r); storage holds the largest.
-        choices_ab, choices_c, choices_de: what A/B, C and D/E may be (``lora`` expands to every rank).
+        choices_ab, choices_c, choices_de: what A/B, C and D/E may be (``lora`` expands to every rank);
+            choices_a / choices_b (optional) give A or B a list of its own instead of choices_ab.
             A layer without bias (LLaMA's projections) keeps C, D and E at ``none``.
         parametrisation, a_lora_scale: constant multipliers of the stored tensors
             (:func:`supernet.layer.support_scales`); ``paper`` uses every tensor as stored.
@@ -39,13 +40,14 @@ class GloraSupernet(nn.Module):
                  ranks: Iterable[int] = (4,), choices_ab: Iterable[str] = ("lora", "vector", "scalar", "none"),
                  choices_c: Iterable[str] = ("lora", "vector", "none"),
                  choices_de: Iterable[str] = ("vector", "scalar", "none"), parametrisation: str = "paper",
-                 a_lora_scale: float = 1.0, train_head: bool = True):
+                 a_lora_scale: float = 1.0, train_head: bool = True, choices_a: Iterable[str] | None = None,
+                 choices_b: Iterable[str] | None = None):
         super().__init__()
         self.model = model
         specs = layer_specs(model, target_modules)
         names = [sp.name for sp in specs]
         self.space = SearchSpace(specs, ranks=ranks, choices_ab=choices_ab, choices_c=choices_c,
-                                 choices_de=choices_de)
+                                 choices_de=choices_de, choices_a=choices_a, choices_b=choices_b)
         max_rank = self.space.max_rank
         self.layer_names: tuple[str, ...] = tuple(names)
         for n in names:

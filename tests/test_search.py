@@ -292,3 +292,24 @@ def test_output_files_and_subnet_yaml_round_trip(tmp_path):
     hist = [json.loads(l) for l in (tmp_path / "history.jsonl").read_text().splitlines()]
     assert {"generation", "params", "val_acc", "layers"} <= set(hist[0])
     assert all(500 <= h["params"] <= 1500 for h in hist)
+
+
+def test_choices_a_and_b_replace_choices_ab_for_one_tensor():
+    specs = [LayerSpec("a", 8, 12, bias=True), LayerSpec("b", 12, 8, bias=False)]
+    space = SearchSpace(specs, ranks=(2, 4), choices_a=("vector", "none"), choices_b=("lora", "none"),
+                        choices_c=("none",), choices_de=("vector", "none"))
+    assert space.tensor_options["A"] == ("vector", "none")
+    assert space.tensor_options["B"] == ("lora_2", "lora_4", "none")
+    rng = np.random.default_rng(0)
+    seen_a, seen_b = set(), set()
+    for _ in range(200):
+        s = space.random(rng)
+        seen_a |= {lc.A for lc in s.layers}
+        seen_b |= {lc.B for lc in s.layers}
+        assert all(lc.C == "none" for lc in s.layers)
+    assert seen_a == {"vector", "none"} and seen_b == {"lora_2", "lora_4", "none"}
+    # without them both tensors take choices_ab
+    both = SearchSpace(specs, ranks=(4,), choices_ab=("lora", "scalar"))
+    assert both.tensor_options["A"] == both.tensor_options["B"] == ("lora_4", "scalar")
+    with pytest.raises(UserError, match="unknown choice 'bogus'"):
+        SearchSpace(specs, choices_b=("lora", "bogus"))
