@@ -129,14 +129,20 @@ def cmd_suite(argv: list[str]) -> int:
     p.add_argument("--tasks", required=True, help="task folders under data.root, separated by commas")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value for every task (repeatable)")
+    p.add_argument("--seeds", default=None, metavar="S,S,...",
+                   help="run each task once per seed (the global seed), into <output_dir>/<task>/seed<S>/, and "
+                        "report mean ± std over seeds and GLoRA minus LoRA paired by seed")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = p.parse_args(argv)
     from glora.suite import parse_tasks, run_suite, task_configs
     tasks = parse_tasks(args.tasks)
-    root, cfgs = task_configs(args.config, args.overrides, tasks)  # every task's config checked before any runs
+    seeds = None if args.seeds is None else _int_list(args.seeds, "seeds")
+    if seeds is not None and len(set(seeds)) != len(seeds):
+        raise UserError(f"--seeds {args.seeds!r}: a seed appears twice")
+    root, cfgs = task_configs(args.config, args.overrides, tasks, seeds)  # every run's config checked first
     dist.init(cfgs[0].device, cfgs[0].data.batch_size)  # under torchrun: join the job (nothing without it)
     setup_logging(root)
-    run_suite(args.config, args.overrides, tasks, progress=not args.no_progress and dist.is_main())
+    run_suite(args.config, args.overrides, tasks, progress=not args.no_progress and dist.is_main(), seeds=seeds)
     if dist.is_main():
         print(f"\n{(root / 'suite.md').read_text()}\nwrote {root / 'suite.md'} and {root / 'suite.csv'}")
     return 0

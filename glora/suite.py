@@ -36,36 +36,46 @@ def parse_tasks(text: str) -> list[str]:
     return tasks
 
 
-def task_configs(config: str | None, overrides: list[str], tasks: list[str]):
-    """The resolved config of each task (checked before anything runs) and the suite's folder."""
+def task_configs(config: str | None, overrides: list[str], tasks: list[str], seeds: list[int] | None = None):
+    """The resolved config of each run (checked before anything runs) and the suite's folder.
+
+    Without ``seeds`` one run per task, into ``<output_dir>/<task>``; with them one run per (task, seed), into
+    ``<output_dir>/<task>/seed<S>`` with the global ``seed`` set to S (``search.seed`` stays as configured)."""
     base = load_config(config, overrides)
     root = Path(base.output_dir)
-    cfgs = [load_config(config, list(overrides) + [f"data.task={t}", f"output_dir={root / t}"]) for t in tasks]
-    return root, cfgs
+    if seeds is None:
+        return root, [load_config(config, list(overrides) + [f"data.task={t}", f"output_dir={root / t}"])
+                      for t in tasks]
+    return root, [load_config(config, list(overrides) + [f"data.task={t}", f"seed={sd}",
+                                                         f"output_dir={root / t / f'seed{sd}'}"])
+                  for t in tasks for sd in seeds]
 
 
-def run_suite(config: str | None, overrides: list[str], tasks: list[str], progress: bool = True) -> list[dict]:
+def run_suite(config: str | None, overrides: list[str], tasks: list[str], progress: bool = True,
+              seeds: list[int] | None = None) -> list[dict]:
     from .pipeline import run_stages
-    root, cfgs = task_configs(config, overrides, tasks)
+    root, cfgs = task_configs(config, overrides, tasks, seeds)
     rows = []
     for i, cfg in enumerate(cfgs):
-        _logger.info("suite: task %s (%d/%d) into %s", cfg.data.task, i + 1, len(cfgs), cfg.output_dir)
+        what = cfg.data.task if seeds is None else f"{cfg.data.task} seed {cfg.seed}"
+        _logger.info("suite: task %s (%d/%d) into %s", what, i + 1, len(cfgs), cfg.output_dir)
         from .core.config import dump_config
         if dist.is_main():  # under torchrun rank 0 writes, every rank runs the stages
             Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
             dump_config(cfg, Path(cfg.output_dir) / "config.yaml")
         summary = run_stages(cfg, STAGE_NAMES, progress=progress, skip_complete=True)
-        rows.append(task_row(cfg.data.task, summary))
+        rows.append(task_row(cfg.data.task, summary, None if seeds is None else cfg.seed))
         if dist.is_main():
             write_tables(root, rows)  # after every task, so a long suite stopped early keeps its table
     dist.barrier()
     return rows
 
 
-def task_row(task: str, summary: dict) -> dict:
+def task_row(task: str, summary: dict, seed: int | None = None) -> dict:
     from .pipeline import comparison_rows
     r = summary.get("retrain", {})
-    row = {"task": task, "group": next((g for g, ts in VTAB_GROUPS.items() if task in ts), ""),
+    row = {"task": task, **({} if seed is None else {"seed": seed}),
+           "group": next((g for g, ts in VTAB_GROUPS.items() if task in ts), ""),
            "glora_test": r.get("test_acc"), "glora_params": r.get("adapter_params"), "glora_lr": r.get("lr")}
     for key, b in (r.get("baselines") or {}).items():
         row[f"{key}_test"] = b.get("test_acc")
@@ -107,7 +117,7 @@ def write_tables(root: Path, rows: list[dict]) -> None:
         " | supernet s | search s | retrain s | LoRA s |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        cells = [r["task"]]
+        cells = [r["task"] if "seed" not in r else f"{r['task']} (seed {r['seed']})"]
         for m, k in methods:
             p = r.get(f"{k}_params")
             lbl = f"{p:,}" if p is not None else "-"
@@ -127,6 +137,10 @@ def write_tables(root: Path, rows: list[dict]) -> None:
         cells += ["-"] * 4
         lines.append("| " + " | ".join(cells) + " |")
     lines += fewshot_lines(rows, methods)
+    if any("seed" in r for r in rows):
+        lines += seed_lines(rows, methods)
+        atomic_write_text(root / "suite.md", "\n".join(lines) + "\n")
+        return
     wins = [r for r in rows if r.get("lora_test") is not None and r.get("glora_test") is not None]
     note = ""
     if wins:
@@ -134,6 +148,53 @@ def write_tables(root: Path, rows: list[dict]) -> None:
         note = (f"\nGLoRA minus LoRA, mean over {len(wins)} tasks: {100 * diff:+.2f} points; "
                 f"GLoRA at least level on {sum(r['glora_test'] >= r['lora_test'] for r in wins)} of {len(wins)}.\n")
     atomic_write_text(root / "suite.md", "\n".join(lines) + "\n" + note)
+
+
+def _std(vals: list[float]) -> float | None:
+    if len(vals) < 2:
+        return None
+    m = sum(vals) / len(vals)
+    return (sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5
+
+
+def seed_lines(rows: list[dict], methods: list[tuple[str, str]]) -> list[str]:
+    """Runs over several seeds: per task, test top-1 as mean ± sample std over its seeds, and GLoRA minus LoRA
+    paired by seed (mean ± std); then the mean over tasks of the per-task means."""
+    tasks: dict[str, list[dict]] = {}
+    for r in rows:
+        tasks.setdefault(r["task"], []).append(r)
+    paired = any(r.get("lora_test") is not None for r in rows)
+    head = "| task | seeds | " + " | ".join(f"{m} test top-1" for m, _ in methods) + \
+        (" | GLoRA - LoRA (points) | GLoRA >= LoRA |" if paired else " |")
+    out = ["", "Over seeds (mean ± sample std of test top-1):", "", head, "|" + "---|" * (head.count("|") - 1)]
+    diffs_by_task, means = {}, {k: [] for _, k in methods}
+    for task, rs in tasks.items():
+        cells = [task, str(len(rs))] + [_mean_std(r.get(f"{k}_test") for r in rs) for _, k in methods]
+        for _, k in methods:
+            m = _mean(r.get(f"{k}_test") for r in rs)
+            if m is not None:
+                means[k].append(m)
+        if paired:
+            d = [100 * (r["glora_test"] - r["lora_test"]) for r in rs
+                 if r.get("glora_test") is not None and r.get("lora_test") is not None]
+            diffs_by_task[task] = d
+            sd = _std(d)
+            cells += ["-" if not d else f"{sum(d) / len(d):+.2f}" + ("" if sd is None else f" ± {sd:.2f}"),
+                      f"{sum(v >= 0 for v in d)} of {len(d)}"]
+        out.append("| " + " | ".join(cells) + " |")
+    cells = [f"**mean** ({len(tasks)})", "-"] + [_pct(_mean(means[k])) for _, k in methods]
+    if paired:
+        task_means = [sum(d) / len(d) for d in diffs_by_task.values() if d]
+        every = [v for d in diffs_by_task.values() for v in d]
+        cells += ["-" if not task_means else f"{sum(task_means) / len(task_means):+.2f}",
+                  f"{sum(v >= 0 for v in every)} of {len(every)}"]
+    out.append("| " + " | ".join(cells) + " |")
+    if paired and diffs_by_task:
+        task_means = [sum(d) / len(d) for d in diffs_by_task.values() if d]
+        out += ["", f"GLoRA minus LoRA, mean over {len(task_means)} tasks of the per-task mean over seeds: "
+                    f"{sum(task_means) / len(task_means):+.2f} points; GLoRA at least level on "
+                    f"{sum(m >= 0 for m in task_means)} of {len(task_means)} tasks (on average over seeds)."]
+    return out
 
 
 def _mean_std(values) -> str:

@@ -224,6 +224,36 @@ def test_suite_runs_each_task_and_writes_the_table(tmp_path, data_root, capsys):
     assert run_search.main(["suite", "--tasks", " , "]) == 2
 
 
+
+def test_suite_over_seeds_runs_each_seed_and_pairs_glora_with_lora(tmp_path, data_root):
+    import csv
+    out = tmp_path / "seeds"
+    args = ["suite", "--config", "tiny", "--no-progress", "--tasks", "dsprites_loc", "--seeds", "0,3"]
+    for s in [f"output_dir={out}", f"data.root={data_root}", "supernet.epochs=1", "supernet.max_steps_per_epoch=2",
+              "retrain.epochs=1", "retrain.max_steps_per_epoch=2", "search.generations=1",
+              "search.max_eval_batches=1", "data.eval_batch_size=100", "retrain.baselines=[lora]"]:
+        args += ["--set", s]
+    assert run_search.main(args) == 0
+    rows = list(csv.DictReader((out / "suite.csv").open()))
+    assert [(r["task"], r["seed"]) for r in rows] == [("dsprites_loc", "0"), ("dsprites_loc", "3")]
+    g, lo = [], []
+    for r in rows:
+        run = out / "dsprites_loc" / f"seed{r['seed']}"
+        assert yaml.safe_load((run / "config.yaml").read_text())["seed"] == int(r["seed"])
+        m = json.loads((run / "retrain" / "metrics.json").read_text())
+        g.append(100 * m["test_acc"])
+        lo.append(100 * m["baselines"]["lora"]["test_acc"])
+    md = (out / "suite.md").read_text()
+    d = [a - b for a, b in zip(g, lo)]
+    mean_d, sd_d = sum(d) / 2, abs(d[0] - d[1]) / 2 ** 0.5  # sample std of two values
+    sd_g = abs(g[0] - g[1]) / 2 ** 0.5
+    line = next(ln for ln in md.splitlines() if ln.startswith("| dsprites_loc | 2 |"))
+    assert f"| {sum(g) / 2:.1f} ± {sd_g:.1f} |" in line
+    assert f"| {mean_d:+.2f} ± {sd_d:.2f} | {sum(x >= 0 for x in d)} of 2 |" in line
+    assert f"GLoRA minus LoRA, mean over 1 tasks of the per-task mean over seeds: {mean_d:+.2f} points" in md
+    assert run_search.main(["suite", "--tasks", "mnist", "--seeds", "1,1"]) == 2
+    assert run_search.main(["suite", "--tasks", "mnist", "--seeds", "x"]) == 2
+
 def test_top_k_subnets_chosen_on_val200(tmp_path, data_root, tiny_run):
     out = tmp_path / "topk"
     shutil.copytree(tiny_run / "supernet", out / "supernet")
