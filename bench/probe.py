@@ -34,6 +34,8 @@ UNIFORM = {
     "l2_ade": LayerChoice("vector", "lora_2", "none", "vector", "vector"),
     "l2_acde": LayerChoice("vector", "lora_2", "vector", "vector", "vector"),
     "l2": LayerChoice("none", "lora_2", "none", "none", "none"),
+    # rank 2 for A (W0 * (A_u A_d), elementwise: up to full rank) and rank 2 for B: LoRA r=4's 294,912 params
+    "a2b2": LayerChoice("lora_2", "lora_2", "none", "none", "none"),
     "head": None,
 }
 
@@ -78,7 +80,7 @@ def main() -> None:
                 log = fit(model, named, train, spec, d, torch.device("cpu"), progress=False,
                           head_names=head_names(model))
             acc = evaluate(model, val.batches(100), torch.device("cpu"))
-            print(json.dumps({"task": args.task, "subnet": name, "lr": lr, "params": n_ad, "val_acc": acc,
+            print(json.dumps({"task": args.task, "seed": args.seed, "subnet": name, "lr": lr, "params": n_ad, "val_acc": acc,
                               "train_loss": log[-1]["loss"], "losses": [round(r["loss"], 3) for r in log], "time_s": round(time.time() - t0, 1),
                               "extra": args.set}), flush=True)
 
