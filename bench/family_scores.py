@@ -21,7 +21,7 @@ from glora.core.build import load_split, prepare_data  # noqa: E402
 from glora.core.config import load_config  # noqa: E402
 from glora.core.engine import evaluate, set_threads  # noqa: E402
 from probe import UNIFORM  # noqa: E402
-from supernet.train import load_trained_supernet  # noqa: E402
+from glora.stages.supernet import load_trained_supernet  # noqa: E402
 
 
 @torch.no_grad()

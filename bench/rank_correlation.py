@@ -26,7 +26,7 @@ from glora.core.config import load_config  # noqa: E402
 from glora.core.engine import evaluate, set_threads  # noqa: E402
 from glora.core.io import read_jsonl  # noqa: E402
 from glora.core.trainer import fit  # noqa: E402
-from retrain.stage import Method, _fit_spec  # noqa: E402
+from glora.stages.retrain import Method, _fit_spec  # noqa: E402
 from supernet.inject import head_names  # noqa: E402
 from supernet.space import LayerChoice, Subnet  # noqa: E402
 

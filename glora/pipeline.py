@@ -15,9 +15,9 @@ _logger = logging.getLogger("glora")
 
 
 def _stage_fns():
-    from retrain.stage import retrain_complete, run_retrain
-    from search.stage import run_search, search_complete
-    from supernet.train import supernet_complete, train_supernet
+    from glora.stages.retrain import retrain_complete, run_retrain
+    from glora.stages.search import run_search, search_complete
+    from glora.stages.supernet import supernet_complete, train_supernet
     return {
         "supernet": (supernet_complete, train_supernet),
         "search": (search_complete, run_search),

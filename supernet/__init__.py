@@ -1,4 +1,5 @@
-"""GLoRA super-layer, search space, subnet objects and one-shot supernet training.
+"""GLoRA super-layer, search space, subnet objects and the public library API (the supernet stage of a
+run is ``glora.stages.supernet``).
 
 The public API (see the README, "Use it as a library"; all of it lives in :mod:`supernet.api`)::
 

@@ -19,8 +19,8 @@ import run_search
 from glora.core import dist
 from glora.core.checkpoint import CHECKPOINT
 from glora.core.engine import InMemorySplit
-from retrain.stage import MERGED
-from supernet.train import ADAPTERS
+from glora.stages.retrain import MERGED
+from glora.stages.supernet import ADAPTERS
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 300  # seconds for one torchrun job: a hang fails the test instead of the suite
@@ -244,7 +244,7 @@ def test_two_processes_end_with_the_same_supernet(one_and_two):
         total += a[k].numel()
     assert close >= 0.98 * total, (close, total)
     # the supernet shares those entries between paths, so on paths they show: logits within 1e-3 (of ~0.2)
-    from supernet.train import build_supernet
+    from glora.stages.supernet import build_supernet
     from glora.core.config import load_config
     cfg = load_config(str(one / "config.yaml"))
     nets = []

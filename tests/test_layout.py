@@ -6,7 +6,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-UPPER = ("supernet", "search", "retrain", "run_search", "glora.pipeline", "glora.suite", "glora.preflight")
+UPPER = ("supernet", "search", "retrain", "run_search", "glora.stages", "glora.pipeline", "glora.suite",
+         "glora.preflight")
+ORCHESTRATION = ("run_search", "glora.pipeline", "glora.suite", "glora.preflight")
 
 
 def _imports(path: Path) -> set[str]:
@@ -23,7 +25,34 @@ def test_ground_layer_imports_nothing_above_it():
     """glora.core (config, files, training loop) and glora.data import neither the stages nor the orchestration."""
     files = list((ROOT / "glora" / "core").glob("*.py")) + list((ROOT / "glora" / "data").glob("*.py"))
     assert len(files) > 10
-    bad = [(f.name, m) for f in files for m in _imports(f) if m.split(".")[0] in UPPER[:4] or m in UPPER[4:]]
+    bad = [(f.name, m) for f in files for m in _imports(f)
+           if m.split(".")[0] in UPPER[:4] or any(m == u or m.startswith(u + ".") for u in UPPER[4:])]
+    assert not bad, bad
+
+
+def _library_files():
+    return [f for pkg in ("supernet", "search", "retrain") for f in (ROOT / pkg).glob("*.py")]
+
+
+def test_library_takes_plain_arguments_not_the_run_config():
+    """supernet/, search/ and retrain/ are the library: they never see the run's Config, its folder helpers or the
+    stages; everything that reads the config lives in glora.stages."""
+    files = _library_files()
+    assert len(files) > 10
+    banned = ("glora.core.config", "glora.core.build", "glora.stages", *ORCHESTRATION)
+    bad = [(f"{f.parent.name}/{f.name}", m) for f in files for m in _imports(f)
+           if any(m == b or m.startswith(b + ".") for b in banned)]
+    assert not bad, bad
+    takes_cfg = [(f.name, node.name) for f in files for node in ast.walk(ast.parse(f.read_text()))
+                 if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+                 and any(a.arg == "cfg" for a in node.args.args + node.args.kwonlyargs)]
+    assert not takes_cfg, takes_cfg
+
+
+def test_stages_sit_below_the_orchestration():
+    files = list((ROOT / "glora" / "stages").glob("*.py"))
+    assert {f.stem for f in files} >= {"supernet", "search", "retrain"}
+    bad = [(f.name, m) for f in files for m in _imports(f) if any(m == o or m.startswith(o + ".") for o in ORCHESTRATION)]
     assert not bad, bad
 
 
@@ -38,7 +67,7 @@ def test_installed_package_is_not_shadowed_by_a_users_data_or_common_folder(tmp_
     for name in ("data", "common"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "__init__.py").write_text(f"MINE = {name!r}\n")
-    code = ("import data, common, glora.core.config, glora.data.vtab, supernet, search.evolution, retrain.stage, "
+    code = ("import data, common, glora.core.config, glora.data.vtab, supernet, search.evolution, retrain.build, glora.stages.retrain, "
             "run_search; assert data.MINE == 'data' and common.MINE == 'common'; "
             "import glora; print(glora.__file__)")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the installed package (make venv)

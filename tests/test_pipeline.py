@@ -146,7 +146,7 @@ def test_vtab_config_runs_shrunk(tmp_path, data_root):
 def test_lora_baseline_takes_the_largest_rank_in_budget():
     from conftest import tiny_vit
     from retrain.build import layer_specs
-    from retrain.stage import lora_baseline
+    from glora.stages.retrain import lora_baseline
     from supernet.params import tensor_params
     from supernet.space import SearchSpace
     specs = layer_specs(tiny_vit(), ["qkv", "proj", "fc1", "fc2"])

@@ -527,7 +527,7 @@ def test_retrain_compares_merged_and_unmerged_logits(finished_run, data_root, tm
     """A merge that changed the function is caught before the merged model is written."""
     import torch
 
-    import retrain.stage as rs
+    import glora.stages.retrain as rs
     real = rs.merge_and_unload
 
     def off_by_a_little(model):

@@ -105,7 +105,7 @@ def test_head_only_on_cached_features_equals_training_the_whole_model(tmp_path):
     from glora.core.config import load_config
     from glora.core.engine import InMemorySplit
     from glora.core.trainer import FitSpec, fit
-    from retrain.stage import Method, trainable_view
+    from glora.stages.retrain import Method, trainable_view
     from supernet.inject import freeze_all_but, head_names, head_parameters
     torch.manual_seed(0)
     data = InMemorySplit(torch.randn(40, 3, 32, 32), torch.randint(0, 5, (40,)))

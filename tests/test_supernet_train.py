@@ -5,7 +5,7 @@ from safetensors.torch import load_file
 
 import glora.core.trainer as st
 from glora.core.config import load_config
-from supernet.train import train_supernet
+from glora.stages.supernet import train_supernet
 
 TINY = ["model.name=vit_tiny_patch16_224", "model.checkpoint=''",
         "model.kwargs={img_size: 32, patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2}",
@@ -21,7 +21,7 @@ def test_adapter_weights_round_trip(tmp_path, data_root):
     cfg = tiny_cfg(tmp_path / "run", data_root)
     train_supernet(cfg, progress=False)
     saved = load_file(tmp_path / "run" / "supernet" / "adapters.safetensors")
-    from supernet.train import build_supernet
+    from glora.stages.supernet import build_supernet
     sn = build_supernet(cfg, num_classes=16)
     before = sn.trainable_state_dict()
     assert set(saved) == set(before)

@@ -122,7 +122,7 @@ def test_text_task_baselines_and_lr_grid(cli, tmp_path):
     assert head["adapter_params"] == 0 and head["head_params"] == m["head_params"] > 0
     trained = checkpoint_info(out / "retrain" / "head_only")["fingerprint"]["params"]
     assert trained and all(n.startswith("classifier.") for n in trained), trained  # the classifier alone trains
-    from retrain.stage import _has_feature_head
+    from glora.stages.retrain import _has_feature_head
     model = transformers.AutoModelForSequenceClassification.from_pretrained(out / "retrain" / "merged")
     assert not _has_feature_head(model)
 

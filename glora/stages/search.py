@@ -9,10 +9,10 @@ from glora.core.build import load_split, prepare_data, stage_dir
 from glora.core.config import Config
 from glora.core.engine import evaluate, resolve_device, set_threads
 from supernet.space import Subnet
-from supernet.train import load_trained_supernet
+from glora.stages.supernet import load_trained_supernet
 
-from .evolution import FINAL_FILES, EvolutionSearcher, read_state
-from .operators import check_budget
+from search.evolution import FINAL_FILES, EvolutionSearcher, read_state
+from search.operators import check_budget
 
 _logger = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from glora.core.trainer import FitSpec, fit
 from supernet.inject import freeze_all_but, head_names, head_parameters
 from supernet.space import LayerChoice, SearchSpace, Subnet
 
-from .build import adapter_parameters, apply_subnet, layer_specs, merge_and_unload
+from retrain.build import adapter_parameters, apply_subnet, layer_specs, merge_and_unload
 
 _logger = logging.getLogger(__name__)
 MERGED = "model_merged.safetensors"
@@ -48,7 +48,7 @@ def build_compact_model(cfg: Config, subnet: Subnet, num_classes: int,
     """The backbone with only the subnet's tensors, initialised per ``retrain.init``; and the layer space."""
     g = cfg.glora
     if cfg.retrain.init == "supernet":
-        from supernet.train import load_trained_supernet
+        from glora.stages.supernet import load_trained_supernet
         sn = load_trained_supernet(cfg, num_classes, device)
         space = sn.space
         space.check_subnet(subnet, max_rank=space.max_rank)
