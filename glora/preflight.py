@@ -94,6 +94,8 @@ def _stage_fingerprint(cfg: Config, stage: str) -> dict:
         return _base_keys(cfg, ("supernet", "search", "data.eval_batch_size"), leave_out=["search.generations"])
     if stage == "retrain":
         fp = _base_keys(cfg, ("retrain",), leave_out=["retrain.dir", "retrain.subnet"])
+        if fp.get("retrain.select_by") == "top1":  # the default: runs from before the key existed stay valid
+            del fp["retrain.select_by"]
         if cfg.retrain.init == "supernet":
             fp.update(_keys(cfg, ["supernet"]))
         if cfg.retrain.subnet:

@@ -195,6 +195,48 @@ def test_lr_chosen_on_val200_for_glora_and_each_baseline(tmp_path, data_root, ti
     assert json.loads((out / "retrain" / "metrics.json").read_text())["test_acc"] == json.loads(before)["test_acc"]
 
 
+def test_select_by_loss_picks_the_lowest_val_loss_and_rescores_old_grid_points(tmp_path, data_root, tiny_run):
+    """retrain.select_by=loss: every method (and the top-k subnet) is chosen by val200 cross-entropy; a grid point
+    recorded without a loss is scored again from its finished checkpoint, without training."""
+    out = tmp_path / "by-loss"
+    shutil.copytree(tiny_run / "supernet", out / "supernet")
+    shutil.copytree(tiny_run / "search", out / "search")
+    args = tiny_args(out, data_root, "retrain.lr_grid=[1e-4, 3e-2]", "retrain.baselines=[lora, head]",
+                     "retrain.select_by=loss", "retrain.top_k=2")
+    assert run_search.main(args + ["--stage", "retrain"]) == 0
+    m = json.loads((out / "retrain" / "metrics.json").read_text())
+    for info in [m] + list(m["baselines"].values()):
+        losses = info["val_loss_by_lr"]
+        assert set(losses) == {"0.0001", "0.03"} and all(0 < v < 50 for v in losses.values())
+        assert losses[repr(info["lr"])] == min(losses.values())
+    if len(m["candidates"]) > 1:
+        chosen = min(m["candidates"], key=lambda c: (c["val_loss"], c["rank"]))
+        assert m["search_rank"] == chosen["rank"]
+    # an older record without val_loss: re-scored from the checkpoint, the same loss, the checkpoint untouched
+    grid = out / "retrain" / "select" / "lora_lr0.03"
+    rec = json.loads((grid / "val.json").read_text())
+    old_loss = rec.pop("val_loss")
+    (grid / "val.json").write_text(json.dumps(rec))
+    ckpt = (grid / "checkpoint.safetensors").read_bytes()
+    (out / "retrain" / "metrics.json").unlink()
+    assert run_search.main(args + ["--stage", "retrain"]) == 0
+    again = json.loads((grid / "val.json").read_text())
+    assert again["val_loss"] == pytest.approx(old_loss, rel=1e-6) and again["val_acc"] == rec["val_acc"]
+    assert (grid / "checkpoint.safetensors").read_bytes() == ckpt
+
+
+def test_evaluate_with_loss_matches_cross_entropy():
+    import torch.nn.functional as F
+    from glora.core.engine import evaluate_with_loss
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 4)
+    xs, ys = torch.randn(3, 5, 6), torch.randint(0, 4, (3, 5))
+    acc, loss = evaluate_with_loss(model, zip(xs, ys), torch.device("cpu"))
+    logits = model(xs.reshape(-1, 6))
+    assert loss == pytest.approx(float(F.cross_entropy(logits, ys.reshape(-1))), rel=1e-6)
+    assert acc == pytest.approx(float((logits.argmax(-1) == ys.reshape(-1)).float().mean()))
+
+
 def test_suite_runs_each_task_and_writes_the_table(tmp_path, data_root, capsys):
     import csv
     out = tmp_path / "suite"

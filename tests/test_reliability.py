@@ -119,6 +119,7 @@ case("max_eval_batches<0", "search.max_eval_batches", "search.max_eval_batches=-
 case("max_steps_per_epoch<0", "supernet.max_steps_per_epoch", "supernet.max_steps_per_epoch=-1")
 case("num_workers=-1", "data.num_workers", "data.num_workers=-1")
 case("merge_atol<0", "retrain.merge_atol", "retrain.merge_atol=-1e-3")
+case("select_by unknown", "retrain.select_by", "retrain.select_by=acc")
 case("output_dir empty", "output_dir", "output_dir=")
 case("crossover<0", "search.crossover", "search.crossover=-1")
 case("mutation<0", "search.mutation", "search.mutation=-2")
@@ -170,6 +171,7 @@ case("other seed", "seed: 0 -> 1", "seed=1")
 case("other supernet lr", "supernet.lr", "supernet.lr=2e-3")
 case("other model kwargs", "model.kwargs.drop_path_rate", "model.kwargs.drop_path_rate=0.1")
 case("other retrain lr", "retrain.lr", "retrain.lr=2e-3")
+case("other retrain select_by", "retrain.select_by", "retrain.select_by=loss")
 case("other budget", "search.max_params_m", "search.max_params_m=0.04")
 case("fewer generations", "ran 2 search generations", "search.generations=1")
 case("stage folder without record", "no settings.json",
@@ -255,7 +257,7 @@ def _other_task(data_root: Path) -> None:
 
 
 def test_bad_input_table_size():
-    assert len(BAD_INPUTS) == 87, len(BAD_INPUTS)
+    assert len(BAD_INPUTS) == 89, len(BAD_INPUTS)
 
 
 @pytest.mark.parametrize("sets,setup,argv,fragment", BAD_INPUTS)

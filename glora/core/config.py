@@ -281,6 +281,7 @@ def validate(cfg: dict) -> None:
     if not rd or "/" in rd or "\\" in rd or rd in (".", "..", "supernet", "search"):
         raise UserError(f"config key retrain.dir: {rd!r} must be a plain folder name other than supernet, search")
     _one_of("retrain.init", r["init"], ["supernet", "scratch"])
+    _one_of("retrain.select_by", r["select_by"], ["top1", "loss"])
     for b in cfg["retrain"]["baselines"]:
         _one_of("retrain.baselines entry", b, ["lora", "head"])
     if len(set(cfg["retrain"]["baselines"])) != len(cfg["retrain"]["baselines"]):

@@ -146,12 +146,24 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
 
     Under torchrun ``batches`` are this rank's shards (``InMemorySplit.batches``, ``build.stream_batches``)
     and the correct and total counts are summed over ranks: every rank returns the one-process score."""
+    return _score(model, batches, device, precision, max_batches, desc, with_loss=False)[0]
+
+
+def evaluate_with_loss(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                       device: torch.device, precision: str = "fp32") -> tuple[float, float]:
+    """(top-1 accuracy as a fraction, mean cross-entropy in nats per example) over ``batches``; summed over
+    ranks under torchrun like :func:`evaluate`."""
+    return _score(model, batches, device, precision, 0, "", with_loss=True)
+
+
+def _score(model, batches, device, precision, max_batches, desc, with_loss):
     if desc:
         from .progress import progress_bar
         batches = progress_bar(batches, desc=desc, enabled=dist.is_main())
     was_training = model.training
     model.eval()
     correct, total = torch.zeros((), dtype=torch.int64, device=device), 0  # counted on the device: no sync a batch
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     try:
         for i, (x, y) in enumerate(batches):
             if max_batches and i >= max_batches:
@@ -162,12 +174,15 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
             with autocast(device, precision):
                 logits = model(x)
             correct += (logits.argmax(dim=-1) == y).sum()
+            if with_loss:
+                loss_sum += torch.nn.functional.cross_entropy(logits.float(), y, reduction="sum").double()
             total += int(y.numel())
     finally:
         model.train(was_training)
     correct, total = int(correct), total
     correct, total = dist.all_reduce_sum([correct, total], dtype=torch.int64)
-    return correct / max(total, 1)
+    loss = dist.all_reduce_sum([float(loss_sum)], dtype=torch.float64)[0] if with_loss else 0.0
+    return correct / max(total, 1), loss / max(total, 1)
 
 
 def set_threads(n: int) -> None:

@@ -15,7 +15,7 @@ from glora.core.build import (build_backbone, first_batch, load_split, model_sou
                           tokenizer_source)
 from glora.core.checkpoint import CHECKPOINT
 from glora.core.config import Config
-from glora.core.engine import InMemorySplit, autocast, evaluate, resolve_device, set_threads
+from glora.core.engine import InMemorySplit, autocast, evaluate, evaluate_with_loss, resolve_device, set_threads
 from glora.core.errors import UserError
 from glora.core.io import atomic_save_safetensors, atomic_write_json
 from glora.core.trainer import FitSpec, fit
@@ -180,35 +180,50 @@ def _lr_tag(lr: float) -> str:
     return f"lr{lr:.3g}"
 
 
-def _stored_val_acc(done: Path, fingerprint: dict) -> float | None:
-    """The val200 score a finished grid point kept in ``val.json``; None when there is none for these settings."""
+def _stored_val(done: Path, fingerprint: dict, select_by: str) -> tuple[float, float | None] | None:
+    """The val200 (top-1, loss) a finished grid point kept in ``val.json``; None when there is none for these
+    settings, or when ``select_by`` needs a loss that an older record lacks (its finished checkpoint then
+    reloads in ``fit`` without training, and val200 is scored again)."""
     if not done.is_file():
         return None
     rec = json.loads(done.read_text())
     if rec.get("fingerprint") != json.loads(json.dumps(fingerprint)):
         return None
-    return float(rec["val_acc"])
+    loss = rec.get("val_loss")
+    if select_by == "loss" and loss is None:
+        return None
+    return float(rec["val_acc"]), (None if loss is None else float(loss))
+
+
+def selection_key(select_by: str, acc: float, loss: float | None) -> float:
+    """Larger is better: val200 top-1, or minus the val200 loss with ``retrain.select_by: loss``."""
+    return -float(loss) if select_by == "loss" else float(acc)
 
 
 def select_lr(cfg: Config, method: Method, num_classes: int, train800, val200, out: Path,
-              device: torch.device, progress: bool, always: bool = False) -> tuple[float, dict[str, float], float]:
+              device: torch.device, progress: bool, always: bool = False
+              ) -> tuple[float, dict[str, float], dict[str, float], float]:
     """The VTAB-1k protocol: train on train800 with each ``retrain.lr_grid`` value, score val200, keep the best
-    (the smaller lr on a tie). Each grid point is resumable and its score is kept in ``val.json``.
-    Returns (chosen lr, {lr: val top-1}, seconds spent). ``always``: score ``retrain.lr`` on val200 even
-    without a grid."""
+    by ``retrain.select_by`` (top-1, or the lowest loss; the smaller lr on a tie). Each grid point is resumable
+    and its scores are kept in ``val.json``. Returns (chosen lr, {lr: val top-1}, {lr: val loss}, seconds spent).
+    ``always``: score ``retrain.lr`` on val200 even without a grid."""
     grid = [float(v) for v in cfg.retrain.lr_grid] or ([float(cfg.retrain.lr)] if always else [])
     if not grid:
-        return float(cfg.retrain.lr), {}, 0.0
+        return float(cfg.retrain.lr), {}, {}, 0.0
+    select_by = cfg.retrain.select_by
     t0 = time.time()
     scores: dict[str, float] = {}
+    losses: dict[str, float] = {}
     feats: dict = {}
     for lr in grid:
         d = out / "select" / f"{method.key}_{_lr_tag(lr)}"
         done = d / "val.json"
-        fp = dict(method.fingerprint(cfg), split="train800", lr=lr)
-        stored = dist.on_main(lambda: _stored_val_acc(done, fp))  # rank 0's reading decides for every rank
+        fp = dict(method.fingerprint(cfg), split="train800", lr=lr)  # select_by is not in it: the training is the same
+        stored = dist.on_main(lambda: _stored_val(done, fp, select_by))  # rank 0's reading decides for every rank
         if stored is not None:
-            scores[repr(lr)] = stored
+            scores[repr(lr)] = stored[0]
+            if stored[1] is not None:
+                losses[repr(lr)] = stored[1]
             continue
         model = method.build(cfg, num_classes, device)
         net, (tr, va) = trainable_view(cfg, method, model, [train800, val200], device, feats)
@@ -216,21 +231,21 @@ def select_lr(cfg: Config, method: Method, num_classes: int, train800, val200, o
         net = accel.maybe_compile(net, cfg.retrain.compile)
         fit(net, named, tr, _fit_spec(cfg, f"{method.key} {_lr_tag(lr)} (train800)", fp, lr=lr), d,
             device, progress=progress, head_names=head_names(model))
-        acc = evaluate(net, va.batches(cfg.data.eval_batch_size), device, cfg.precision)  # the same on every rank
+        acc, loss = evaluate_with_loss(net, va.batches(cfg.data.eval_batch_size), device, cfg.precision)
         if dist.is_main():
-            atomic_write_json(done, {"val_acc": acc, "lr": lr, "fingerprint": fp})
-        scores[repr(lr)] = acc
-        _logger.info("%s: lr %.3g -> val200 top-1 %.4f", method.label, lr, acc)
-    best = max(grid, key=lambda v: (scores[repr(v)], -v))
-    return best, scores, time.time() - t0
+            atomic_write_json(done, {"val_acc": acc, "val_loss": loss, "lr": lr, "fingerprint": fp})
+        scores[repr(lr)], losses[repr(lr)] = acc, loss
+        _logger.info("%s: lr %.3g -> val200 top-1 %.4f, loss %.4f", method.label, lr, acc, loss)
+    best = max(grid, key=lambda v: (selection_key(select_by, scores[repr(v)], losses.get(repr(v))), -v))
+    return best, scores, losses, time.time() - t0
 
 
 def run_method(cfg: Config, method: Method, num_classes: int, splits: dict, out: Path,
                device: torch.device, progress: bool) -> tuple[nn.Module, dict]:
     """Choose the lr on val200 (grid runs under ``<retrain dir>/select/``), then train on train800val200 with it
     into ``out``. The caller scores test, once."""
-    lr, scores, t_select = select_lr(cfg, method, num_classes, splits.get("train800"), splits.get("val200"),
-                                     stage_dir(cfg, cfg.retrain.dir), device, progress)
+    lr, scores, losses, t_select = select_lr(cfg, method, num_classes, splits.get("train800"),
+                                             splits.get("val200"), stage_dir(cfg, cfg.retrain.dir), device, progress)
     t0 = time.time()
     model = method.build(cfg, num_classes, device)
     net, (train,) = trainable_view(cfg, method, model, [splits["train800val200"]], device, {})
@@ -241,7 +256,7 @@ def run_method(cfg: Config, method: Method, num_classes: int, splits: dict, out:
     fit(accel.maybe_compile(net, cfg.retrain.compile), named, train,
         _fit_spec(cfg, f"{method.key} (train800val200)", fp, lr=lr), out,
         device, progress=progress, head_names=head_names(model))
-    info = {"lr": lr, "val_acc_by_lr": scores, "select_time_s": round(t_select, 1),
+    info = {"lr": lr, "val_acc_by_lr": scores, "val_loss_by_lr": losses, "select_time_s": round(t_select, 1),
             "train_time_s": round(time.time() - t0, 1),
             "adapter_params": sum(p.numel() for p in adapter_parameters(model)),
             "head_params": sum(p.numel() for p in head_parameters(model))}
@@ -275,13 +290,15 @@ def run_retrain(cfg: Config, progress: bool = True) -> dict:
     if len(candidates) > 1:  # the architecture is chosen on val200 too, among the search's top-k
         for i, c in enumerate(candidates):
             m = Method(f"glora_top{i + 1}", "GLoRA (searched)", c, cfg.retrain.init)
-            lr, scores, t_sel = select_lr(cfg, m, num_classes, splits["train800"], splits["val200"], out, device,
-                                          progress, always=True)
+            lr, scores, losses, t_sel = select_lr(cfg, m, num_classes, splits["train800"], splits["val200"], out,
+                                                  device, progress, always=True)
             cand_info.append({"rank": i + 1, "params": space.params(c), "lr": lr, "val_acc": scores[repr(lr)],
-                              "select_time_s": round(t_sel, 1), "method": m})
-        best = max(cand_info, key=lambda d: (d["val_acc"], -d["rank"]))
+                              "val_loss": losses.get(repr(lr)), "select_time_s": round(t_sel, 1), "method": m})
+        best = max(cand_info, key=lambda d: (selection_key(cfg.retrain.select_by, d["val_acc"], d["val_loss"]),
+                                             -d["rank"]))
         glora, subnet = best["method"], best["method"].subnet
-        _logger.info("retrain: top-%d subnet of the search chosen on val200 (%.4f)", best["rank"], best["val_acc"])
+        _logger.info("retrain: top-%d subnet of the search chosen on val200 by %s (top-1 %.4f)", best["rank"],
+                     cfg.retrain.select_by, best["val_acc"])
     adapter_params = space.params(subnet)
     if dist.on_main(lambda: (out / CHECKPOINT).is_file() and (out / "subnet.yaml").is_file() and
                     Subnet.from_yaml(out / "subnet.yaml") != subnet):  # rank 0 reads it, before it writes it below
@@ -354,7 +371,8 @@ def run_retrain(cfg: Config, progress: bool = True) -> dict:
     metrics = {"test_acc": test_acc, "num_classes": num_classes,
                "adapter_params": adapter_params, "head_params": info["head_params"], "merge_max_abs_diff": diff,
                "subnet": str(spath), "init": cfg.retrain.init, "lr": info["lr"],
-               "val_acc_by_lr": info["val_acc_by_lr"], "select_time_s": info["select_time_s"],
+               "val_acc_by_lr": info["val_acc_by_lr"], "val_loss_by_lr": info["val_loss_by_lr"],
+               "select_time_s": info["select_time_s"],
                "train_time_s": info["train_time_s"], "baselines": baselines,
                "candidates": [{k: v for k, v in c.items() if k != "method"} for c in cand_info],
                "search_rank": next((c["rank"] for c in cand_info if c["method"] is glora), 1),
