@@ -119,9 +119,15 @@ def record_settings(cfg: Config, stage: str) -> None:
                                  "config": cfg.to_dict()})
 
 
+# keys a fingerprint leaves out at their default value (so older run folders keep theirs): shown by that value
+IMPLIED_DEFAULTS = {"retrain.select_by": "top1", "model.source": "timm"}
+
+
 def _differences(old: dict, new: dict, limit: int = 3) -> str:
-    keys = sorted(k for k in set(old) | set(new) if old.get(k, "<unset>") != new.get(k, "<unset>"))
-    shown = [f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}" for k in keys]
+    def get(d, k):
+        return d.get(k, IMPLIED_DEFAULTS.get(k, "<unset>"))
+    keys = sorted(k for k in set(old) | set(new) if get(old, k) != get(new, k))
+    shown = [f"{k}: {get(old, k)!r} -> {get(new, k)!r}" for k in keys]
     more = f" (+{len(shown) - limit} more)" if len(shown) > limit else ""
     return "; ".join(shown[:limit]) + more
 

@@ -171,7 +171,7 @@ case("other seed", "seed: 0 -> 1", "seed=1")
 case("other supernet lr", "supernet.lr", "supernet.lr=2e-3")
 case("other model kwargs", "model.kwargs.drop_path_rate", "model.kwargs.drop_path_rate=0.1")
 case("other retrain lr", "retrain.lr", "retrain.lr=2e-3")
-case("other retrain select_by", "retrain.select_by", "retrain.select_by=loss")
+case("other retrain select_by", "retrain.select_by: 'top1' -> 'loss'", "retrain.select_by=loss")
 case("other budget", "search.max_params_m", "search.max_params_m=0.04")
 case("fewer generations", "ran 2 search generations", "search.generations=1")
 case("stage folder without record", "no settings.json",
