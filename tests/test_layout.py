@@ -11,14 +11,27 @@ UPPER = ("supernet", "search", "retrain", "run_search", "glora.stages", "glora.p
 ORCHESTRATION = ("run_search", "glora.pipeline", "glora.suite", "glora.preflight")
 
 
-def _imports(path: Path) -> set[str]:
+def _imports(path: Path, root: Path = ROOT) -> set[str]:
+    """Absolute names of the modules ``path`` imports, relative imports resolved, and ``from a import b`` also
+    as ``a.b`` (``b`` may be a module)."""
+    package = list(path.relative_to(root).with_suffix("").parts[:-1])
     out = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             out.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            out.add(node.module)
+        elif isinstance(node, ast.ImportFrom):
+            base = package[:len(package) - node.level + 1] if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            out.add(module)
+            out.update(f"{module}.{a.name}" for a in node.names)
     return out
+
+
+def test_imports_resolves_relative_and_from_imports(tmp_path):
+    f = tmp_path / "glora" / "core" / "probe.py"
+    f.parent.mkdir(parents=True)
+    f.write_text("from ..stages import retrain\nfrom glora import pipeline\nfrom . import io\n")
+    assert {"glora.stages.retrain", "glora.pipeline", "glora.core.io"} <= _imports(f, tmp_path)
 
 
 def test_ground_layer_imports_nothing_above_it():

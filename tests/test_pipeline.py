@@ -205,6 +205,7 @@ def test_select_by_loss_picks_the_lowest_val_loss_and_rescores_old_grid_points(t
                      "retrain.select_by=loss", "retrain.top_k=2")
     assert run_search.main(args + ["--stage", "retrain"]) == 0
     m = json.loads((out / "retrain" / "metrics.json").read_text())
+    assert m["select_by"] == "loss"
     for info in [m] + list(m["baselines"].values()):
         losses = info["val_loss_by_lr"]
         assert set(losses) == {"0.0001", "0.03"} and all(0 < v < 50 for v in losses.values())
@@ -225,13 +226,24 @@ def test_select_by_loss_picks_the_lowest_val_loss_and_rescores_old_grid_points(t
     assert (grid / "checkpoint.safetensors").read_bytes() == ckpt
 
 
+def test_a_diverged_grid_point_is_never_chosen_by_loss():
+    from glora.stages.retrain import selection_key
+    keys = {lr: selection_key("loss", 0.5, loss) for lr, loss in [(3e-2, float("nan")), (1e-2, None), (1e-3, 0.9)]}
+    assert max(keys, key=keys.get) == 1e-3
+    assert max([3e-2, 1e-3], key=lambda lr: keys[lr]) == 1e-3 and max([1e-3, 3e-2], key=lambda lr: keys[lr]) == 1e-3
+    assert selection_key("top1", 0.7, float("nan")) == 0.7
+
+
 def test_evaluate_with_loss_matches_cross_entropy():
     import torch.nn.functional as F
     from glora.core.engine import evaluate_with_loss
     torch.manual_seed(0)
     model = torch.nn.Linear(6, 4)
     xs, ys = torch.randn(3, 5, 6), torch.randint(0, 4, (3, 5))
+    grad_on = []
+    model.register_forward_hook(lambda *_: grad_on.append(torch.is_grad_enabled()))
     acc, loss = evaluate_with_loss(model, zip(xs, ys), torch.device("cpu"))
+    assert grad_on == [False] * 3 and isinstance(loss, float)  # no graph kept across the split
     logits = model(xs.reshape(-1, 6))
     assert loss == pytest.approx(float(F.cross_entropy(logits, ys.reshape(-1))), rel=1e-6)
     assert acc == pytest.approx(float((logits.argmax(-1) == ys.reshape(-1)).float().mean()))

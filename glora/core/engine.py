@@ -156,6 +156,7 @@ def evaluate_with_loss(model: nn.Module, batches: Iterable[tuple[torch.Tensor, t
     return _score(model, batches, device, precision, 0, "", with_loss=True)
 
 
+@torch.no_grad()
 def _score(model, batches, device, precision, max_batches, desc, with_loss):
     if desc:
         from .progress import progress_bar

@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -189,15 +190,18 @@ def _stored_val(done: Path, fingerprint: dict, select_by: str) -> tuple[float, f
     rec = json.loads(done.read_text())
     if rec.get("fingerprint") != json.loads(json.dumps(fingerprint)):
         return None
-    loss = rec.get("val_loss")
-    if select_by == "loss" and loss is None:
+    if select_by == "loss" and "val_loss" not in rec:
         return None
+    loss = rec.get("val_loss")  # null: the point diverged (a non-finite loss)
     return float(rec["val_acc"]), (None if loss is None else float(loss))
 
 
 def selection_key(select_by: str, acc: float, loss: float | None) -> float:
-    """Larger is better: val200 top-1, or minus the val200 loss with ``retrain.select_by: loss``."""
-    return -float(loss) if select_by == "loss" else float(acc)
+    """Larger is better: val200 top-1, or minus the val200 loss with ``retrain.select_by: loss`` (a diverged
+    point, whose loss is missing or not finite, ranks last)."""
+    if select_by != "loss":
+        return float(acc)
+    return -float(loss) if loss is not None and math.isfinite(loss) else -math.inf
 
 
 def select_lr(cfg: Config, method: Method, num_classes: int, train800, val200, out: Path,
@@ -232,10 +236,13 @@ def select_lr(cfg: Config, method: Method, num_classes: int, train800, val200, o
         fit(net, named, tr, _fit_spec(cfg, f"{method.key} {_lr_tag(lr)} (train800)", fp, lr=lr), d,
             device, progress=progress, head_names=head_names(model))
         acc, loss = evaluate_with_loss(net, va.batches(cfg.data.eval_batch_size), device, cfg.precision)
+        _logger.info("%s: lr %.3g -> val200 top-1 %.4f, loss %.4f", method.label, lr, acc, loss)
+        loss = loss if math.isfinite(loss) else None  # JSON has no NaN; a diverged point ranks last
         if dist.is_main():
             atomic_write_json(done, {"val_acc": acc, "val_loss": loss, "lr": lr, "fingerprint": fp})
-        scores[repr(lr)], losses[repr(lr)] = acc, loss
-        _logger.info("%s: lr %.3g -> val200 top-1 %.4f, loss %.4f", method.label, lr, acc, loss)
+        scores[repr(lr)] = acc
+        if loss is not None:
+            losses[repr(lr)] = loss
     best = max(grid, key=lambda v: (selection_key(select_by, scores[repr(v)], losses.get(repr(v))), -v))
     return best, scores, losses, time.time() - t0
 
@@ -297,8 +304,9 @@ def run_retrain(cfg: Config, progress: bool = True) -> dict:
         best = max(cand_info, key=lambda d: (selection_key(cfg.retrain.select_by, d["val_acc"], d["val_loss"]),
                                              -d["rank"]))
         glora, subnet = best["method"], best["method"].subnet
-        _logger.info("retrain: top-%d subnet of the search chosen on val200 by %s (top-1 %.4f)", best["rank"],
-                     cfg.retrain.select_by, best["val_acc"])
+        _logger.info("retrain: top-%d subnet of the search chosen on val200 by %s (top-1 %.4f, loss %s)",
+                     best["rank"], cfg.retrain.select_by, best["val_acc"],
+                     "-" if best["val_loss"] is None else f"{best['val_loss']:.4f}")
     adapter_params = space.params(subnet)
     if dist.on_main(lambda: (out / CHECKPOINT).is_file() and (out / "subnet.yaml").is_file() and
                     Subnet.from_yaml(out / "subnet.yaml") != subnet):  # rank 0 reads it, before it writes it below
@@ -371,6 +379,7 @@ def run_retrain(cfg: Config, progress: bool = True) -> dict:
     metrics = {"test_acc": test_acc, "num_classes": num_classes,
                "adapter_params": adapter_params, "head_params": info["head_params"], "merge_max_abs_diff": diff,
                "subnet": str(spath), "init": cfg.retrain.init, "lr": info["lr"],
+               "select_by": cfg.retrain.select_by,
                "val_acc_by_lr": info["val_acc_by_lr"], "val_loss_by_lr": info["val_loss_by_lr"],
                "select_time_s": info["select_time_s"],
                "train_time_s": info["train_time_s"], "baselines": baselines,
