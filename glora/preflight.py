@@ -39,12 +39,20 @@ def _flat(d: Any, prefix: str = "") -> dict:
     return {prefix.rstrip("."): d}
 
 
+# keys that count only away from their default, so a run folder keeps the fingerprint it had before the key
+# existed (model.source before text tasks, retrain.select_by before the loss choice); a mismatch message shows
+# such a key by its default value
+LEFT_OUT_AT_DEFAULT = {"model.source": "timm", "retrain.select_by": "top1"}
+
+
 def _keys(cfg: Config, prefixes: Iterable[str], leave_out: Iterable[str] = ()) -> dict:
-    """The config values under ``prefixes`` (dotted keys: ``seed``, ``model`` for every model key...)."""
+    """The config values under ``prefixes`` (dotted keys: ``seed``, ``model`` for every model key...), less
+    ``leave_out`` and the keys of ``LEFT_OUT_AT_DEFAULT`` at their default."""
     flat = _flat(cfg.to_dict())
     leave_out = set(leave_out)
     return {k: v for k, v in flat.items()
-            if k not in leave_out and any(k == p or k.startswith(p + ".") for p in prefixes)}
+            if k not in leave_out and any(k == p or k.startswith(p + ".") for p in prefixes)
+            and not (k in LEFT_OUT_AT_DEFAULT and v == LEFT_OUT_AT_DEFAULT[k])}
 
 
 BASE_KEYS = ("seed", "precision", "model", "data.root", "data.task", "data.image_size", "data.batch_size", "glora")
@@ -56,12 +64,8 @@ def _is_hf(cfg: Config) -> bool:
 
 
 def _base_keys(cfg: Config, prefixes: Iterable[str], leave_out: Iterable[str] = ()) -> dict:
-    """``BASE_KEYS`` and ``prefixes``. ``model.source`` counts only when it is not the default ``timm`` (so a
-    timm run folder keeps the fingerprint it had before text tasks existed); ``data.max_length`` only for
-    ``hf`` (it changes what a text model sees, and nothing of an image model)."""
-    leave_out = list(leave_out)
-    if not _is_hf(cfg):
-        leave_out.append("model.source")
+    """``BASE_KEYS`` and ``prefixes``; ``data.max_length`` only for ``hf`` (it changes what a text model sees,
+    and nothing of an image model)."""
     return _keys(cfg, BASE_KEYS + (("data.max_length",) if _is_hf(cfg) else ()) + tuple(prefixes), leave_out)
 
 
@@ -94,8 +98,6 @@ def _stage_fingerprint(cfg: Config, stage: str) -> dict:
         return _base_keys(cfg, ("supernet", "search", "data.eval_batch_size"), leave_out=["search.generations"])
     if stage == "retrain":
         fp = _base_keys(cfg, ("retrain",), leave_out=["retrain.dir", "retrain.subnet"])
-        if fp.get("retrain.select_by") == "top1":  # the default: runs from before the key existed stay valid
-            del fp["retrain.select_by"]
         if cfg.retrain.init == "supernet":
             fp.update(_keys(cfg, ["supernet"]))
         if cfg.retrain.subnet:
@@ -119,13 +121,9 @@ def record_settings(cfg: Config, stage: str) -> None:
                                  "config": cfg.to_dict()})
 
 
-# keys a fingerprint leaves out at their default value (so older run folders keep theirs): shown by that value
-IMPLIED_DEFAULTS = {"retrain.select_by": "top1", "model.source": "timm"}
-
-
 def _differences(old: dict, new: dict, limit: int = 3) -> str:
     def get(d, k):
-        return d.get(k, IMPLIED_DEFAULTS.get(k, "<unset>"))
+        return d.get(k, LEFT_OUT_AT_DEFAULT.get(k, "<unset>"))
     keys = sorted(k for k in set(old) | set(new) if get(old, k) != get(new, k))
     shown = [f"{k}: {get(old, k)!r} -> {get(new, k)!r}" for k in keys]
     more = f" (+{len(shown) - limit} more)" if len(shown) > limit else ""
