@@ -34,7 +34,7 @@ def test_every_file_is_written(tiny_run):
         assert k in metrics
     sub = yaml.safe_load((tiny_run / "search" / "subnet.yaml").read_text())
     assert metrics["adapter_params"] == sub["params"] > 0
-    assert metrics["merge_max_abs_diff"] < 1e-4
+    assert metrics["merge_max_abs_diff"] < 1e-4 and metrics["merge_max_abs_diff_fp64"] < 1e-9
     assert metrics["head_params"] == 32 * 16 + 16
     resolved = yaml.safe_load((tiny_run / "config.yaml").read_text())
     assert resolved["model"]["name"] == "vit_tiny_patch16_224" and resolved["output_dir"] == str(tiny_run)

@@ -129,3 +129,34 @@ def test_head_only_on_cached_features_equals_training_the_whole_model(tmp_path):
     torch.manual_seed(0)
     fresh = tiny_vit()
     assert (fresh.head.weight - heads[0]["head.weight"]).abs().max() > 1e-3  # training moved the head
+
+
+def test_float64_merge_check_is_exact_and_catches_a_wrong_merge(monkeypatch):
+    """The retrain's merge check compares in float64: an exact merge differs by rounding of 1e-12, a merge that
+    gets one layer's weight change 30% too large is caught by the default tolerance."""
+    import glora.stages.retrain as stage
+    torch.manual_seed(0)
+    m = tiny_vit()
+    randomize_biases_(m)
+    space = SearchSpace(layer_specs(m, ["qkv", "proj", "fc1", "fc2"]), ranks=[2, 4])
+    apply_subnet(m, space.uniform(LayerChoice(A="vector", B="lora_4", D="vector", E="vector")))
+    randomize_adapters_(adapter_parameters(m), seed=5)
+    m.eval()
+    x = torch.randn(4, 3, 32, 32)
+    exact = stage.merge_error_fp64(m, x)
+    assert exact < 1e-10
+    true_merge = GloraLinear.merge
+    calls = []
+
+    def wrong_merge(self):
+        lin = true_merge(self)
+        if not calls:  # the first layer only: its weight change grows by 30%
+            with torch.no_grad():
+                lin.weight.add_(0.3 * (lin.weight - self.base_layer.weight))
+        calls.append(1)
+        return lin
+
+    monkeypatch.setattr(GloraLinear, "merge", wrong_merge)
+    wrong = stage.merge_error_fp64(m, x)
+    assert wrong > 1e-3 > exact  # retrain.merge_atol's default separates the two
+    assert any(isinstance(mod, GloraLinear) for mod in m.modules())  # the check merges copies, m stays adapted
