@@ -83,11 +83,12 @@ def merge_error_fp64(model: nn.Module, x: torch.Tensor) -> float:
     The check is of the merge's algebra. In fp32 the two models round differently, and through a deep network
     that rounding alone reaches 1e-3 in the logits at 224 px on a GPU (bench/accuracy.md); in float64 it is
     about 1e-12, so a tolerance of 1e-3 separates exact merges from wrong ones at any scale."""
-    m64 = copy.deepcopy(model).double().eval()
-    merged64 = merge_and_unload(copy.deepcopy(m64))
+    m64 = copy.deepcopy(model).double().eval()  # one copy, merged in place after its adapted logits are taken
     with torch.no_grad():
         x64 = x.double() if x.is_floating_point() else x  # token ids (text models) stay integers
-        return float((m64(x64).double() - merged64(x64).double()).abs().max())
+        adapted = m64(x64).double()
+        merged = merge_and_unload(m64)(x64).double()
+    return float((adapted - merged).abs().max())
 
 
 def check_merged_keys(merged_sd: dict, reference: nn.Module) -> None:
@@ -352,13 +353,13 @@ def run_retrain(cfg: Config, progress: bool = True) -> dict:
                                 {n: p for n, p in model.named_parameters() if p.requires_grad})
     model.eval()
     x = first_batch(cfg, test_ds).to(device)  # the same batch on every rank, decoded without loader workers
+    diff64 = merge_error_fp64(model, x[:MERGE_CHECK_IMAGES])
+    if not diff64 <= cfg.retrain.merge_atol:
+        raise RuntimeError(f"merged model differs from the adapted model by {diff64:.3g} in the float64 "
+                           f"logits (tolerance retrain.merge_atol={cfg.retrain.merge_atol})")
     merged = merge_and_unload(copy.deepcopy(model))
     with torch.no_grad(), accel.fp32_exact():  # both in fp32 without TF32: what a user deploys, for the record
         diff = float((model(x).float() - merged(x).float()).abs().max())
-    diff64 = merge_error_fp64(model, x[:MERGE_CHECK_IMAGES])
-    if not diff64 <= cfg.retrain.merge_atol:
-        raise RuntimeError(f"merging is wrong: merged and adapted model differ by {diff64:.3g} in the float64 "
-                           f"logits (tolerance retrain.merge_atol={cfg.retrain.merge_atol})")
     merged_sd = {k: v.detach().cpu().contiguous() for k, v in merged.state_dict().items()}
     check_merged_keys(merged_sd, reference_backbone(cfg, num_classes))
     meta = {"model": cfg.model.name, "num_classes": str(num_classes), "kwargs": json.dumps(dict(cfg.model.kwargs)),
