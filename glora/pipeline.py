@@ -52,6 +52,9 @@ def run_stages(cfg: Config, stages, progress: bool = True, skip_complete: bool =
     return summary
 
 
+BASELINE_ORDER = ("lora", "head")
+
+
 def comparison_rows(summary: dict) -> list[dict]:
     """GLoRA and each baseline of a finished run: method, adapter params, lr, val200 top-1 of that lr, test top-1
     and seconds (GLoRA: supernet + search + retrain; a baseline: its lr choice + training)."""
@@ -63,7 +66,10 @@ def comparison_rows(summary: dict) -> list[dict]:
     rows = [{"method": "GLoRA (searched)", "adapter_params": r["adapter_params"], "lr": r.get("lr"),
              "val_acc": (r.get("val_acc_by_lr") or {}).get(repr(r.get("lr"))), "test_acc": r["test_acc"],
              "time_s": round(glora_time, 1)}]
-    for key, b in (r.get("baselines") or {}).items():
+    baselines = r.get("baselines") or {}
+    # LoRA before the head alone, whatever order the file kept (summary.json is written with sorted keys)
+    for key in sorted(baselines, key=lambda k: (BASELINE_ORDER.index(k) if k in BASELINE_ORDER else 99, k)):
+        b = baselines[key]
         rows.append({"method": b.get("label", key), "adapter_params": b["adapter_params"], "lr": b.get("lr"),
                      "val_acc": (b.get("val_acc_by_lr") or {}).get(repr(b.get("lr"))), "test_acc": b["test_acc"],
                      "time_s": round(float(b.get("select_time_s", 0.0)) + float(b.get("train_time_s", 0.0)), 1)})
@@ -94,6 +100,8 @@ def print_summary(cfg: Config, summary: dict) -> None:
             lines.append("  (lr chosen on val200 after training on train800; test scored once, after training on "
                          "train800val200; GLoRA's time includes supernet and search)")
         lines.append(f"  + {r['head_params']:,} head params each; merged model: {r['merged_file']} "
-                     f"(max |merged - unmerged| logit {r['merge_max_abs_diff']:.2e})")
+                     f"(max |merged - unmerged| logit {r['merge_max_abs_diff']:.2e} in fp32"
+                     + (f", {r['merge_max_abs_diff_fp64']:.1e} in float64)" if r.get("merge_max_abs_diff_fp64")
+                        is not None else ")"))
     lines.append(f"  files: {out}/{{config.yaml, supernet/, search/, retrain/, summary.json}}")
     print("\n".join(lines))

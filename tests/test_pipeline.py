@@ -324,3 +324,16 @@ def test_top_k_subnets_chosen_on_val200(tmp_path, data_root, tiny_run):
     assert [[lc[t] for t in "ABCDE"] for lc in chosen["layers"]] == topk[best["rank"] - 1]["layers"]
     assert m["adapter_params"] == best["params"] == chosen["params"]
     assert m["baselines"]["lora"]["adapter_params"] <= m["adapter_params"] or m["baselines"]["lora"]["rank"] == 1
+
+
+def test_comparison_rows_put_lora_before_the_head_whatever_the_file_order():
+    """A rerun reads summary.json, whose keys are sorted (head before lora): the table keeps LoRA second."""
+    from glora.pipeline import comparison_rows
+    b = {"adapter_params": 0, "test_acc": 0.5, "lr": 1e-3, "val_acc_by_lr": {"0.001": 0.4}}
+    summary = {"supernet": {"time_s": 1.0}, "search": {"time_s": 2.0},
+               "retrain": {"adapter_params": 10, "test_acc": 0.6, "lr": 1e-3, "select_time_s": 3.0,
+                           "train_time_s": 4.0, "baselines": {"head": dict(b, label="head only"),
+                                                              "lora": dict(b, label="LoRA r=4", adapter_params=12)}}}
+    rows = comparison_rows(summary)
+    assert [r["method"] for r in rows] == ["GLoRA (searched)", "LoRA r=4", "head only"]
+    assert rows[0]["time_s"] == 10.0 and rows[1]["val_acc"] == 0.4
