@@ -143,3 +143,19 @@ def test_text_task_errors(cli, tmp_path):
     r = cli(*base, "--set", f"model.checkpoint={tmp_path / 'm'}", "--set", "data.max_length=8")
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert "train800.jsonl:1: label 'x' is not an integer" in r.stderr, r.stderr
+
+
+def test_a_bf16_checkpoint_is_trained_from_fp32_master_weights(tmp_path):
+    """transformers loads a checkpoint saved in bf16 as a bf16 model; the tool casts it to fp32 (mixed precision
+    is autocast's job), so the adapters, the merge check and the fp32 comparison all see fp32 weights."""
+    from glora.data.hf import create_hf_classifier
+    folder = tmp_path / "bf16"
+    make_model_folder(folder)
+    base = transformers.BertModel.from_pretrained(folder)
+    base.to(torch.bfloat16).save_pretrained(folder)
+    model = create_hf_classifier(str(folder), 3, pretrained=False, checkpoint=str(folder))
+    dtypes = {p.dtype for p in model.parameters()}
+    assert dtypes == {torch.float32}, dtypes
+    ref = base.embeddings.word_embeddings.weight.to(torch.bfloat16).float()
+    got = dict(model.named_parameters())["bert.embeddings.word_embeddings.weight"]
+    assert torch.equal(got, ref)  # the bf16 values, widened exactly

@@ -64,7 +64,7 @@ def tf32_enabled() -> bool:
 @contextlib.contextmanager
 def fp32_exact():
     """TF32 off for CUDA matmuls and convolutions inside the block, the previous setting restored after: two
-    computations that must agree to fp32 rounding (merged vs unmerged logits) are not rounded to 10 bits."""
+    computations compared to fp32 rounding (the recorded merged vs unmerged logits) are not rounded to 10 bits."""
     state = _tf32_state()
     _set_tf32(False)
     try:

@@ -138,6 +138,9 @@ def create_hf_classifier(name: str, num_classes: int, pretrained: bool = True, c
         raise UserError(f"model: {source} has no sequence-classification form in transformers ({e})") from None
     except Exception as e:
         raise _load_error("model", source, e) from None
+    # fp32 master weights whatever the checkpoint was saved in (transformers loads a bf16 checkpoint as bf16);
+    # mixed precision is autocast's job (``precision``)
+    model = model.float()
     if getattr(model.config, "pad_token_id", None) is None:
         tok = load_tokenizer(source)
         model.config.pad_token_id = tok.pad_token_id
