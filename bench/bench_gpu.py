@@ -137,8 +137,7 @@ def kernel_share(step, steps: int) -> dict:
         return float(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)))
     # only the kernels themselves: an aten op's self device time is the time of the kernels it launched, so summing
     # ops and kernels together counts each kernel twice (the first GPU report showed 304 ms of kernels in 155 ms)
-    cuda = getattr(torch.autograd, "DeviceType", None)
-    kernels = [e for e in events if cuda is not None and getattr(e, "device_type", None) == cuda.CUDA]
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
     device_us = sum(dev_time(e) for e in kernels)
     cpu_us = sum(float(e.self_cpu_time_total) for e in events)
     top = sorted(kernels, key=dev_time, reverse=True)[:5]
