@@ -49,9 +49,11 @@ def main() -> None:
     ap.add_argument("--subnets", default="lora")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--set", action="append", default=[])
+    ap.add_argument("--vector-scale", type=float, default=1.0,
+                    help="glora.vector_scale: the vector A/C/D/E's multiplier (under AdamW, their lr multiplier)")
     args = ap.parse_args()
     cfg = load_config("demo", [f"model.kwargs.img_size={args.img}", f"data.task={args.task}",
-                               f"seed={args.seed}"] + args.set)
+                               f"seed={args.seed}", f"glora.vector_scale={args.vector_scale}"] + args.set)
     set_threads(cfg.threads)
     nc = prepare_data(cfg)
     torch.manual_seed(cfg.seed)
@@ -69,7 +71,8 @@ def main() -> None:
                 n_ad = 0
             else:
                 sub = space.uniform(UNIFORM[name])
-                apply_subnet(model, sub, parametrisation=cfg.glora.parametrisation, a_lora_scale=cfg.glora.a_lora_scale)
+                apply_subnet(model, sub, parametrisation=cfg.glora.parametrisation, a_lora_scale=cfg.glora.a_lora_scale,
+                             vector_scale=cfg.glora.vector_scale)
                 n_ad = sum(p.numel() for p in adapter_parameters(model))
             named = {n: p for n, p in model.named_parameters() if p.requires_grad}
             spec = FitSpec(epochs=args.epochs, lr=lr, weight_decay=1e-4, warmup_epochs=0.5, min_lr=1e-6,
@@ -82,7 +85,8 @@ def main() -> None:
             acc = evaluate(model, val.batches(100), torch.device("cpu"))
             print(json.dumps({"task": args.task, "seed": args.seed, "subnet": name, "lr": lr, "params": n_ad, "val_acc": acc,
                               "train_loss": log[-1]["loss"], "losses": [round(r["loss"], 3) for r in log], "time_s": round(time.time() - t0, 1),
-                              "extra": args.set}), flush=True)
+                              "extra": args.set + ([f"vector_scale={args.vector_scale}"] if args.vector_scale != 1.0 else [])}),
+                             flush=True)
 
 
 if __name__ == "__main__":

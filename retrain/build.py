@@ -13,7 +13,8 @@ from .glora import GloraLinear
 
 
 def apply_subnet(model: nn.Module, subnet: Subnet, space: SearchSpace | None = None,
-                 parametrisation: str = "paper", a_lora_scale: float = 1.0, train_head: bool = True) -> nn.Module:
+                 parametrisation: str = "paper", a_lora_scale: float = 1.0, train_head: bool = True,
+                 vector_scale: float = 1.0) -> nn.Module:
     """The compact model of ``subnet``: each of its layers in ``model`` (in place) becomes a GloraLinear holding
     only the tensors the subnet chose (``space.params(subnet)`` elements in all); every other parameter is
     frozen except the classifier head (unless ``train_head=False``). Returns ``model``.
@@ -21,8 +22,8 @@ def apply_subnet(model: nn.Module, subnet: Subnet, space: SearchSpace | None = N
     ``model`` may be a plain backbone (fresh adapters: ``down`` factors, vectors and scalars at zero, so the
     model computes the backbone's output) or the ``.model`` of a GloraSupernet, whose SuperGloraLinear layers
     pass on their shared weights and scales; super-layers the subnet does not name go back to their
-    ``nn.Linear``. ``space``, when given, checks the subnet first (names, bias, choices). ``parametrisation``
-    and ``a_lora_scale`` apply to fresh layers made from a plain ``nn.Linear``."""
+    ``nn.Linear``. ``space``, when given, checks the subnet first (names, bias, choices). ``parametrisation``,
+    ``a_lora_scale`` and ``vector_scale`` apply to fresh layers made from a plain ``nn.Linear``."""
     if space is not None:
         space.check_subnet(subnet)
     for name, choice in zip(subnet.names, subnet.layers):
@@ -31,7 +32,8 @@ def apply_subnet(model: nn.Module, subnet: Subnet, space: SearchSpace | None = N
             new = GloraLinear.from_super(layer, choice)
         elif isinstance(layer, nn.Linear):
             new = GloraLinear(layer, choice, scales=support_scales(parametrisation, layer.in_features,
-                                                                   layer.out_features, a_lora_scale))
+                                                                   layer.out_features, a_lora_scale,
+                                                                   vector_scale))
         else:
             raise TypeError(f"{name} is a {type(layer).__name__}, not a linear layer")
         replace_module(model, name, new)

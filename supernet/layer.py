@@ -29,13 +29,15 @@ PARAMETRISATIONS = ("paper", "scaled")
 
 
 def support_scales(parametrisation: str, in_features: int, out_features: int,
-                   a_lora_scale: float = 1.0) -> dict[tuple[str, str], float]:
+                   a_lora_scale: float = 1.0, vector_scale: float = 1.0) -> dict[tuple[str, str], float]:
     """Multipliers applied to the stored support tensors, by (tensor, kind of choice).
 
     ``paper``: none (every tensor is used as stored). ``scaled``: B as ``vector``/``scalar`` is divided by
     ``d_in``, so it adds ``mean(x) * B`` instead of ``sum(x) * B`` and moves the output as fast as the other
-    choices under one learning rate; a LoRA A is multiplied by ``a_lora_scale``. The function class and the
-    merge are the same: a multiplier is folded into ``W`` and ``b`` like the tensor it scales.
+    choices under one learning rate; a LoRA A is multiplied by ``a_lora_scale``; a ``vector``/``scalar`` A, C,
+    D or E by ``vector_scale`` (they start at zero, so under AdamW this multiplies their learning rate). The
+    function class and the merge are the same: a multiplier is folded into ``W`` and ``b`` like the tensor it
+    scales.
     """
     if parametrisation not in PARAMETRISATIONS:
         raise ValueError(f"unknown parametrisation {parametrisation!r}: valid are {', '.join(PARAMETRISATIONS)}")
@@ -44,6 +46,8 @@ def support_scales(parametrisation: str, in_features: int, out_features: int,
     out = {("B", "vector"): 1.0 / in_features, ("B", "scalar"): 1.0 / in_features}
     if a_lora_scale != 1.0:
         out[("A", "lora")] = float(a_lora_scale)
+    if vector_scale != 1.0:
+        out.update({(t, k): float(vector_scale) for t in "ACDE" for k in ("vector", "scalar")})
     return out
 
 

@@ -25,7 +25,7 @@ class GloraSupernet(nn.Module):
         choices_ab, choices_c, choices_de: what A/B, C and D/E may be (``lora`` expands to every rank);
             choices_a / choices_b (optional) give A or B a list of its own instead of choices_ab.
             A layer without bias (LLaMA's projections) keeps C, D and E at ``none``.
-        parametrisation, a_lora_scale: constant multipliers of the stored tensors
+        parametrisation, a_lora_scale, vector_scale: constant multipliers of the stored tensors
             (:func:`supernet.layer.support_scales`); ``paper`` uses every tensor as stored.
         train_head: also train the classifier head (a fresh head for a new task); False freezes it (a
             pretrained ``lm_head``). A head tied to the input embeddings is never trained.
@@ -41,7 +41,7 @@ class GloraSupernet(nn.Module):
                  choices_c: Iterable[str] = ("lora", "vector", "none"),
                  choices_de: Iterable[str] = ("vector", "scalar", "none"), parametrisation: str = "paper",
                  a_lora_scale: float = 1.0, train_head: bool = True, choices_a: Iterable[str] | None = None,
-                 choices_b: Iterable[str] | None = None):
+                 choices_b: Iterable[str] | None = None, vector_scale: float = 1.0):
         super().__init__()
         self.model = model
         specs = layer_specs(model, target_modules)
@@ -52,7 +52,8 @@ class GloraSupernet(nn.Module):
         self.layer_names: tuple[str, ...] = tuple(names)
         for n in names:
             lin = model.get_submodule(n)
-            scales = support_scales(parametrisation, lin.in_features, lin.out_features, a_lora_scale)
+            scales = support_scales(parametrisation, lin.in_features, lin.out_features, a_lora_scale,
+                                    vector_scale)
             replace_module(model, n, SuperGloraLinear(lin, max_rank=max_rank, scales=scales,
                                                       own_b_vector=parametrisation == "scaled"))
         freeze_all_but(model, list(self.adapter_parameters()) + (head_parameters(model) if train_head else []))

@@ -52,6 +52,8 @@ def test_overrides_keep_types_and_reach_free_form_mappings():
     ("precision=fp16", "precision: 'fp16' is not one of auto, fp32, bf16"),
     ("retrain.init=warm", "retrain.init: 'warm' is not one of supernet, scratch"),
     ("glora.ranks=[0]", "glora.ranks"),
+    ("glora.vector_scale=0", "glora.vector_scale: must be a positive number, got 0"),
+    ("glora.vector_scale=3", "glora.vector_scale: 3.0 has no effect with glora.parametrisation 'paper'"),
     ("search.min_params_m=5", "is above search.max_params_m"),
     ("supernet", "expected section.key=value"),
     ("modle.name=x", "unknown config key 'modle'"),

@@ -173,16 +173,17 @@ def test_head_never_adapted_and_missing_targets(vit):
     assert "head" not in sn.layer_names
 
 
-@pytest.mark.parametrize("a_scale,own", [(1.0, False), (8.0, True)])
-def test_scaled_parametrisation_matches_dense_and_merges(a_scale, own):
-    """``scaled``: B vector/scalar count as stored / d_in, a LoRA A as stored * a_lora_scale; checked against the
-    dense formula with those tensors, against the merged weights, and the compact layer made from it."""
+@pytest.mark.parametrize("a_scale,own,v_scale", [(1.0, False, 1.0), (8.0, True, 1.0), (1.0, True, 3.0)])
+def test_scaled_parametrisation_matches_dense_and_merges(a_scale, own, v_scale):
+    """``scaled``: B vector/scalar count as stored / d_in, a LoRA A as stored * a_lora_scale, a vector/scalar A, C,
+    D, E as stored * vector_scale; checked against the dense formula with those tensors, against the merged
+    weights, and the compact layer made from it."""
     from retrain.glora import GloraLinear
     from supernet.layer import support_scales
     torch.manual_seed(2)
     d_in, d_out = 11, 6
     base = nn.Linear(d_in, d_out)
-    scales = support_scales("scaled", d_in, d_out, a_lora_scale=a_scale)
+    scales = support_scales("scaled", d_in, d_out, a_lora_scale=a_scale, vector_scale=v_scale)
     layer = SuperGloraLinear(base, max_rank=4, scales=scales, own_b_vector=own)
     assert hasattr(layer, "B_vec") == own
     ref_layer = SuperGloraLinear(base, max_rank=4)  # paper parametrisation: its tensors rescaled by hand
@@ -203,6 +204,10 @@ def test_scaled_parametrisation_matches_dense_and_merges(a_scale, own):
                 ref_layer.B_down.mul_(1.0 / d_in)
             if a.startswith("lora_"):
                 ref_layer.A_down.mul_(a_scale)
+            if a in ("vector", "scalar"):
+                ref_layer.A_down.mul_(v_scale)
+            for t in (ref_layer.C_down, ref_layer.D, ref_layer.E):  # C vector, D scalar, E vector
+                t.mul_(v_scale)
         out = layer(x)
         torch.testing.assert_close(out.double(), dense_reference(ref_layer, x), atol=1e-5, rtol=1e-5)
         merged = nn.functional.linear(x, layer.merged_weight(), layer.merged_bias())

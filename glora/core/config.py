@@ -303,8 +303,13 @@ def validate(cfg: dict) -> None:
     cfg["retrain"]["lr_grid"] = grid
     _one_of("supernet.path_sampling", cfg["supernet"]["path_sampling"], ["uniform", "budget"])
     _one_of("glora.parametrisation", cfg["glora"]["parametrisation"], ["paper", "scaled"])
-    if not cfg["glora"]["a_lora_scale"] > 0:
-        raise UserError(f"config key glora.a_lora_scale: must be > 0, got {cfg['glora']['a_lora_scale']}")
+    for key in ("a_lora_scale", "vector_scale"):
+        v = cfg["glora"][key]
+        if not v > 0 or v == float("inf"):
+            raise UserError(f"config key glora.{key}: must be a positive number, got {v}")
+        if v != 1.0 and cfg["glora"]["parametrisation"] != "scaled":
+            raise UserError(f"config key glora.{key}: {v} has no effect with glora.parametrisation "
+                            f"{cfg['glora']['parametrisation']!r}; set glora.parametrisation=scaled or leave it at 1")
     for sec, key in [("supernet", "epochs"), ("retrain", "epochs"), ("search", "generations"),
                      ("search", "population"), ("data", "batch_size"), ("data", "eval_batch_size")]:
         if cfg[sec][key] < 1 and not (key == "epochs" and cfg[sec][key] == 0):

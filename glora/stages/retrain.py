@@ -60,7 +60,8 @@ def build_compact_model(cfg: Config, subnet: Subnet, num_classes: int,
         space = SearchSpace(layer_specs(model, list(g.target_modules)), ranks=list(g.ranks))
         space.check_subnet(subnet)
     torch.manual_seed(cfg.seed + 1)  # fresh adapters (init: scratch) start the same whatever loading drew
-    apply_subnet(model, subnet, parametrisation=g.parametrisation, a_lora_scale=g.a_lora_scale)
+    apply_subnet(model, subnet, parametrisation=g.parametrisation, a_lora_scale=g.a_lora_scale,
+                 vector_scale=g.vector_scale)
     counted = space.params(subnet)
     actual = sum(p.numel() for p in adapter_parameters(model))
     if counted != actual:
@@ -147,6 +148,8 @@ class Method:
     def fingerprint(self, cfg: Config) -> dict:
         fp = {"model": cfg.model.to_dict(), "task": [cfg.data.root, cfg.data.task], "method": self.key,
               "init": self.init, "glora": {k: cfg.glora[k] for k in ("parametrisation", "a_lora_scale")}}
+        if cfg.glora.vector_scale != 1.0:  # only away from its default: older run folders keep their fingerprint
+            fp["glora"]["vector_scale"] = cfg.glora.vector_scale
         if self.subnet is not None:
             fp.update(subnet=[list(c) for c in self.subnet.layers], names=list(self.subnet.names))
         return fp
@@ -163,7 +166,7 @@ class Method:
         model = build_backbone(cfg, num_classes).to(device)
         torch.manual_seed(cfg.seed + 1)
         return apply_subnet(model, self.subnet, parametrisation=cfg.glora.parametrisation,
-                            a_lora_scale=cfg.glora.a_lora_scale)
+                            a_lora_scale=cfg.glora.a_lora_scale, vector_scale=cfg.glora.vector_scale)
 
 
 def _has_feature_head(model: nn.Module) -> bool:
