@@ -83,10 +83,11 @@ def main() -> None:
                 log = fit(model, named, train, spec, d, torch.device("cpu"), progress=False,
                           head_names=head_names(model))
             acc = evaluate(model, val.batches(100), torch.device("cpu"))
-            print(json.dumps({"task": args.task, "seed": args.seed, "subnet": name, "lr": lr, "params": n_ad, "val_acc": acc,
-                              "train_loss": log[-1]["loss"], "losses": [round(r["loss"], 3) for r in log], "time_s": round(time.time() - t0, 1),
-                              "extra": args.set + ([f"vector_scale={args.vector_scale}"] if args.vector_scale != 1.0 else [])}),
-                             flush=True)
+            extra = args.set + ([f"vector_scale={args.vector_scale}"] if args.vector_scale != 1.0 else [])
+            print(json.dumps({"task": args.task, "seed": args.seed, "subnet": name, "lr": lr, "params": n_ad,
+                              "val_acc": acc, "train_loss": log[-1]["loss"],
+                              "losses": [round(r["loss"], 3) for r in log], "time_s": round(time.time() - t0, 1),
+                              "extra": extra}), flush=True)
 
 
 if __name__ == "__main__":
