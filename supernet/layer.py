@@ -42,6 +42,9 @@ def support_scales(parametrisation: str, in_features: int, out_features: int,
     if parametrisation not in PARAMETRISATIONS:
         raise ValueError(f"unknown parametrisation {parametrisation!r}: valid are {', '.join(PARAMETRISATIONS)}")
     if parametrisation == "paper":
+        if a_lora_scale != 1.0 or vector_scale != 1.0:
+            raise ValueError(f"a_lora_scale={a_lora_scale} and vector_scale={vector_scale} need "
+                             f"parametrisation='scaled' (the 'paper' one uses every tensor as stored)")
         return {}
     out = {("B", "vector"): 1.0 / in_features, ("B", "scalar"): 1.0 / in_features}
     if a_lora_scale != 1.0:

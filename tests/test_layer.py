@@ -173,6 +173,15 @@ def test_head_never_adapted_and_missing_targets(vit):
     assert "head" not in sn.layer_names
 
 
+def test_scales_other_than_1_need_the_scaled_parametrisation():
+    from supernet.layer import support_scales
+    assert support_scales("paper", 4, 3) == {}
+    with pytest.raises(ValueError, match="vector_scale=3.*parametrisation='scaled'"):
+        support_scales("paper", 4, 3, vector_scale=3.0)
+    with pytest.raises(ValueError, match="a_lora_scale=2"):
+        GloraSupernet(tiny_vit(), a_lora_scale=2.0)
+
+
 @pytest.mark.parametrize("a_scale,own,v_scale", [(1.0, False, 1.0), (8.0, True, 1.0), (1.0, True, 3.0)])
 def test_scaled_parametrisation_matches_dense_and_merges(a_scale, own, v_scale):
     """``scaled``: B vector/scalar count as stored / d_in, a LoRA A as stored * a_lora_scale, a vector/scalar A, C,
