@@ -53,6 +53,8 @@ def test_overrides_keep_types_and_reach_free_form_mappings():
     ("retrain.init=warm", "retrain.init: 'warm' is not one of supernet, scratch"),
     ("glora.ranks=[0]", "glora.ranks"),
     ("glora.vector_scale=0", "glora.vector_scale: must be a positive number, got 0"),
+    ("retrain.refit_guard=0.5", "retrain.refit_guard: must be 0 (off) or a finite number >= 1"),
+    ("retrain.refit_guard=-1", "retrain.refit_guard: must be 0 (off) or a finite number >= 1"),
     ("glora.vector_scale=3", "glora.vector_scale: 3.0 has no effect with glora.parametrisation 'paper'"),
     ("search.min_params_m=5", "is above search.max_params_m"),
     ("supernet", "expected section.key=value"),

@@ -226,6 +226,56 @@ def test_select_by_loss_picks_the_lowest_val_loss_and_rescores_old_grid_points(t
     assert (grid / "checkpoint.safetensors").read_bytes() == ckpt
 
 
+def test_refit_diverged_compares_with_the_train800_loss_at_the_same_lr():
+    from glora.stages.retrain import refit_diverged
+    assert refit_diverged(2.38, 0.26, 2.0)  # a refit that fell back to chance while train800 converged
+    assert not refit_diverged(0.32, 0.18, 2.0) and not refit_diverged(1.12, 0.85, 2.0)
+    assert not refit_diverged(0.003, 0.0001, 2.0)  # tiny losses: the slack absorbs the ratio
+    assert refit_diverged(None, 0.3, 2.0)  # a non-finite refit loss
+    assert not refit_diverged(5.0, None, 2.0)  # nothing to compare with: no verdict
+    assert not refit_diverged(5.0, 0.1, 0.0)  # refit_guard 0: off
+
+
+def test_a_diverged_refit_is_trained_again_at_the_next_lr(tmp_path, data_root, tiny_run, capsys, monkeypatch):
+    """retrain.refit_guard: when the train800val200 refit of a method ends far above its train800 loss at the same
+    lr, that method is trained again at the next lr of the grid by val200 (under refit/), the others untouched;
+    metrics.json lists the attempts, the summary flags it, and a rerun resumes to the same answer."""
+    import glora.stages.retrain as rt
+    real_fit = rt.fit
+
+    def fit_that_diverges_for_lora(model, named, train, spec, out_dir, *a, **kw):
+        log = real_fit(model, named, train, spec, out_dir, *a, **kw)
+        if spec.desc == "lora (train800val200)" and out_dir.parent.name != "refit":
+            log[-1]["loss"] = 50.0  # what the log of a collapsed run reads like
+            (out_dir / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+        return log
+
+    monkeypatch.setattr(rt, "fit", fit_that_diverges_for_lora)
+    out = tmp_path / "guard"
+    shutil.copytree(tiny_run / "supernet", out / "supernet")
+    shutil.copytree(tiny_run / "search", out / "search")
+    args = tiny_args(out, data_root, "retrain.lr_grid=[1e-4, 3e-2]", "retrain.baselines=[lora, head]")
+    assert run_search.main(args + ["--stage", "retrain"]) == 0
+    printed = capsys.readouterr().out
+    m = json.loads((out / "retrain" / "metrics.json").read_text())
+    lora = m["baselines"]["lora"]
+    first, second = lora["refits"]
+    chosen = max(lora["val_acc_by_lr"], key=lambda k: (lora["val_acc_by_lr"][k], -float(k)))
+    assert first["lr"] == float(chosen) and first["diverged"] and first["train_loss"] == 50.0
+    assert first["train800_loss"] == lora["train800_loss_by_lr"][chosen] < 10
+    assert second["lr"] != first["lr"] and not second["diverged"] and lora["lr"] == second["lr"]
+    assert (out / "retrain" / "lora" / "refit" / f"lr{second['lr']:.3g}" / "checkpoint.safetensors").is_file()
+    for info in (m, m["baselines"]["head"]):
+        assert len(info["refits"]) == 1 and not info["refits"][0]["diverged"]
+        assert info["refits"][0]["lr"] == info["lr"]
+    assert f"! LoRA r={lora['rank']}: the train800val200 refit diverged at lr {first['lr']:.0e}" in printed
+    # resumed: every training reloads its finished checkpoint; the same attempts and the same test score
+    (out / "retrain" / "metrics.json").unlink()
+    assert run_search.main(args + ["--stage", "retrain"]) == 0
+    again = json.loads((out / "retrain" / "metrics.json").read_text())["baselines"]["lora"]
+    assert again["refits"] == lora["refits"] and again["test_acc"] == lora["test_acc"]
+
+
 def test_a_diverged_grid_point_is_never_chosen_by_loss():
     from glora.stages.retrain import selection_key
     keys = {lr: selection_key("loss", 0.5, loss) for lr, loss in [(3e-2, float("nan")), (1e-2, None), (1e-3, 0.9)]}

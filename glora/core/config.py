@@ -322,6 +322,9 @@ def validate(cfg: dict) -> None:
     _at_least("supernet.grad_clip", cfg["supernet"]["grad_clip"], 0)
     _at_least("supernet.probe_paths", cfg["supernet"]["probe_paths"], 0)
     _at_least("retrain.merge_atol", r["merge_atol"], 0)
+    if not (r["refit_guard"] == 0 or r["refit_guard"] >= 1) or not math.isfinite(r["refit_guard"]):
+        raise UserError(f"config key retrain.refit_guard: must be 0 (off) or a finite number >= 1 (a factor on the "
+                        f"train800 loss), got {r['refit_guard']!r}")
     s = cfg["search"]
     if not 0.0 <= s["mutation_prob"] <= 1.0:
         raise UserError(f"config key search.mutation_prob: must be in [0, 1], got {s['mutation_prob']}")

@@ -18,8 +18,8 @@ from glora.core.checkpoint import CHECKPOINT
 from glora.core.config import Config
 from glora.core.engine import InMemorySplit, autocast, evaluate, evaluate_with_loss, resolve_device, set_threads
 from glora.core.errors import UserError
-from glora.core.io import atomic_save_safetensors, atomic_write_json
-from glora.core.trainer import FitSpec, fit
+from glora.core.io import atomic_save_safetensors, atomic_write_json, read_jsonl
+from glora.core.trainer import LOG, FitSpec, fit
 from supernet.inject import freeze_all_but, head_names, head_parameters
 from supernet.space import LayerChoice, SearchSpace, Subnet
 
@@ -224,6 +224,34 @@ def _stored_val(done: Path, fingerprint: dict, select_by: str) -> tuple[float, f
     return float(rec["val_acc"]), (None if loss is None else float(loss))
 
 
+def _last_loss(log: list[dict]) -> float | None:
+    """The last epoch's mean train loss of a ``fit`` log; None without one, or when it is not finite."""
+    loss = log[-1].get("loss") if log else None
+    return float(loss) if isinstance(loss, (int, float)) and math.isfinite(loss) else None
+
+
+def _stored_train_loss(done: Path, log_path: Path) -> float | None:
+    """A finished grid point's last-epoch train loss: from ``val.json``, or for a record written before it kept
+    one, from the point's training log."""
+    rec = json.loads(done.read_text())
+    if "train_loss" in rec:
+        tl = rec["train_loss"]
+        return None if tl is None else float(tl)
+    return _last_loss(read_jsonl(log_path))
+
+
+REFIT_SLACK = 0.1  # train-loss points allowed on top of refit_guard x the train800 loss (a loss near 0 doubles freely)
+
+
+def refit_diverged(refit_loss: float | None, select_loss: float | None, guard: float) -> bool:
+    """Whether the train800val200 refit at an lr ended far above the train800 run at the same lr: its last-epoch
+    train loss above ``guard`` times that run's plus ``REFIT_SLACK``, or not finite. ``guard`` 0 turns it off;
+    without a train800 loss to compare with there is no verdict (False)."""
+    if guard <= 0 or select_loss is None:
+        return False
+    return refit_loss is None or refit_loss > guard * select_loss + REFIT_SLACK
+
+
 def selection_key(select_by: str, acc: float, loss: float | None) -> float:
     """Larger is better: val200 top-1, or minus the val200 loss with ``retrain.select_by: loss`` (a diverged
     point, whose loss is missing or not finite, ranks last)."""
@@ -234,18 +262,20 @@ def selection_key(select_by: str, acc: float, loss: float | None) -> float:
 
 def select_lr(cfg: Config, method: Method, num_classes: int, train800, val200, out: Path,
               device: torch.device, progress: bool, always: bool = False
-              ) -> tuple[float, dict[str, float], dict[str, float], float]:
+              ) -> tuple[float, dict[str, float], dict[str, float], dict[str, float], float]:
     """The VTAB-1k protocol: train on train800 with each ``retrain.lr_grid`` value, score val200, keep the best
     by ``retrain.select_by`` (top-1, or the lowest loss; the smaller lr on a tie). Each grid point is resumable
-    and its scores are kept in ``val.json``. Returns (chosen lr, {lr: val top-1}, {lr: val loss}, seconds spent).
-    ``always``: score ``retrain.lr`` on val200 even without a grid."""
+    and its scores are kept in ``val.json``. Returns (chosen lr, {lr: val top-1}, {lr: val loss},
+    {lr: last-epoch train loss on train800}, seconds spent). ``always``: score ``retrain.lr`` on val200 even
+    without a grid."""
     grid = [float(v) for v in cfg.retrain.lr_grid] or ([float(cfg.retrain.lr)] if always else [])
     if not grid:
-        return float(cfg.retrain.lr), {}, {}, 0.0
+        return float(cfg.retrain.lr), {}, {}, {}, 0.0
     select_by = cfg.retrain.select_by
     t0 = time.time()
     scores: dict[str, float] = {}
     losses: dict[str, float] = {}
+    train_losses: dict[str, float] = {}
     feats: dict = {}
     for lr in grid:
         d = out / "select" / f"{method.key}_{_lr_tag(lr)}"
@@ -256,42 +286,70 @@ def select_lr(cfg: Config, method: Method, num_classes: int, train800, val200, o
             scores[repr(lr)] = stored[0]
             if stored[1] is not None:
                 losses[repr(lr)] = stored[1]
+            tl = dist.on_main(lambda: _stored_train_loss(done, d / LOG))
+            if tl is not None:
+                train_losses[repr(lr)] = tl
             continue
         model = method.build(cfg, num_classes, device)
         net, (tr, va) = trainable_view(cfg, method, model, [train800, val200], device, feats)
         named = {n: p for n, p in model.named_parameters() if p.requires_grad}
         net = accel.maybe_compile(net, cfg.retrain.compile)
-        fit(net, named, tr, _fit_spec(cfg, f"{method.key} {_lr_tag(lr)} (train800)", fp, lr=lr), d,
-            device, progress=progress, head_names=head_names(model))
+        log = fit(net, named, tr, _fit_spec(cfg, f"{method.key} {_lr_tag(lr)} (train800)", fp, lr=lr), d,
+                  device, progress=progress, head_names=head_names(model))
         acc, loss = evaluate_with_loss(net, va.batches(cfg.data.eval_batch_size), device, cfg.precision)
         _logger.info("%s: lr %.3g -> val200 top-1 %.4f, loss %.4f", method.label, lr, acc, loss)
         loss = loss if math.isfinite(loss) else None  # JSON has no NaN; a diverged point ranks last
+        tl = _last_loss(log)
         if dist.is_main():
-            atomic_write_json(done, {"val_acc": acc, "val_loss": loss, "lr": lr, "fingerprint": fp})
+            atomic_write_json(done, {"val_acc": acc, "val_loss": loss, "train_loss": tl, "lr": lr, "fingerprint": fp})
         scores[repr(lr)] = acc
         if loss is not None:
             losses[repr(lr)] = loss
+        if tl is not None:
+            train_losses[repr(lr)] = tl
     best = max(grid, key=lambda v: (selection_key(select_by, scores[repr(v)], losses.get(repr(v))), -v))
-    return best, scores, losses, time.time() - t0
+    return best, scores, losses, train_losses, time.time() - t0
 
 
 def run_method(cfg: Config, method: Method, num_classes: int, splits: dict, out: Path,
                device: torch.device, progress: bool) -> tuple[nn.Module, dict]:
     """Choose the lr on val200 (grid runs under ``<retrain dir>/select/``), then train on train800val200 with it
-    into ``out``. The caller scores test, once."""
-    lr, scores, losses, t_select = select_lr(cfg, method, num_classes, splits.get("train800"),
-                                             splits.get("val200"), stage_dir(cfg, cfg.retrain.dir), device, progress)
+    into ``out``. When that refit diverges (``refit_diverged``: its train loss far above the same lr's on
+    train800), it is trained again at the next lr of the grid by val200, under ``out/refit/<lr>``; every attempt
+    is listed under ``refits``. The caller scores test, once."""
+    lr, scores, losses, train_losses, t_select = select_lr(cfg, method, num_classes, splits.get("train800"),
+                                                           splits.get("val200"), stage_dir(cfg, cfg.retrain.dir),
+                                                           device, progress)
+    select_by = cfg.retrain.select_by
+    order = [lr] + sorted((float(k) for k in scores if float(k) != lr),
+                          key=lambda v: (selection_key(select_by, scores[repr(v)], losses.get(repr(v))), -v),
+                          reverse=True)
     t0 = time.time()
-    model = method.build(cfg, num_classes, device)
-    net, (train,) = trainable_view(cfg, method, model, [splits["train800val200"]], device, {})
-    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    fp = dict(method.fingerprint(cfg), lr=lr)
-    if not method.key.startswith("glora"):
-        fp["split"] = "train800val200"
-    fit(accel.maybe_compile(net, cfg.retrain.compile), named, train,
-        _fit_spec(cfg, f"{method.key} (train800val200)", fp, lr=lr), out,
-        device, progress=progress, head_names=head_names(model))
-    info = {"lr": lr, "val_acc_by_lr": scores, "val_loss_by_lr": losses, "select_time_s": round(t_select, 1),
+    refits = []
+    for attempt, lr in enumerate(order):
+        model = method.build(cfg, num_classes, device)
+        net, (train,) = trainable_view(cfg, method, model, [splits["train800val200"]], device, {})
+        named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        fp = dict(method.fingerprint(cfg), lr=lr)
+        if not method.key.startswith("glora"):
+            fp["split"] = "train800val200"
+        log = fit(accel.maybe_compile(net, cfg.retrain.compile), named, train,
+                  _fit_spec(cfg, f"{method.key} (train800val200)", fp, lr=lr),
+                  out if attempt == 0 else out / "refit" / _lr_tag(lr),
+                  device, progress=progress, head_names=head_names(model))
+        loss, select_loss = _last_loss(log), train_losses.get(repr(lr))
+        diverged = refit_diverged(loss, select_loss, cfg.retrain.refit_guard)
+        refits.append({"lr": lr, "train_loss": loss, "train800_loss": select_loss, "diverged": diverged})
+        if not diverged:
+            break
+        last = attempt + 1 == len(order)
+        _logger.warning("%s: the train800val200 refit at lr %.3g ended at train loss %s against %.4f on train800 at "
+                        "the same lr (retrain.refit_guard %g): diverged; %s", method.label, lr,
+                        "nan" if loss is None else f"{loss:.4f}", select_loss, cfg.retrain.refit_guard,
+                        "no lr of the grid is left, so it is kept" if last else
+                        f"training again at lr {order[attempt + 1]:.3g}, the next by val200")
+    info = {"lr": lr, "val_acc_by_lr": scores, "val_loss_by_lr": losses, "train800_loss_by_lr": train_losses,
+            "refits": refits, "select_time_s": round(t_select, 1),
             "train_time_s": round(time.time() - t0, 1),
             "adapter_params": sum(p.numel() for p in adapter_parameters(model)),
             "head_params": sum(p.numel() for p in head_parameters(model))}
@@ -325,7 +383,7 @@ def run_retrain(cfg: Config, progress: bool = True) -> dict:
     if len(candidates) > 1:  # the architecture is chosen on val200 too, among the search's top-k
         for i, c in enumerate(candidates):
             m = Method(f"glora_top{i + 1}", "GLoRA (searched)", c, cfg.retrain.init)
-            lr, scores, losses, t_sel = select_lr(cfg, m, num_classes, splits["train800"], splits["val200"], out,
+            lr, scores, losses, _, t_sel = select_lr(cfg, m, num_classes, splits["train800"], splits["val200"], out,
                                                   device, progress, always=True)
             cand_info.append({"rank": i + 1, "params": space.params(c), "lr": lr, "val_acc": scores[repr(lr)],
                               "val_loss": losses.get(repr(lr)), "select_time_s": round(t_sel, 1), "method": m})
@@ -414,6 +472,7 @@ def run_retrain(cfg: Config, progress: bool = True) -> dict:
                "subnet": str(spath), "init": cfg.retrain.init, "lr": info["lr"],
                "select_by": cfg.retrain.select_by,
                "val_acc_by_lr": info["val_acc_by_lr"], "val_loss_by_lr": info["val_loss_by_lr"],
+               "train800_loss_by_lr": info["train800_loss_by_lr"], "refits": info["refits"],
                "select_time_s": info["select_time_s"],
                "train_time_s": info["train_time_s"], "baselines": baselines,
                "candidates": [{k: v for k, v in c.items() if k != "method"} for c in cand_info],
