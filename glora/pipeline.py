@@ -96,12 +96,18 @@ def print_summary(cfg: Config, summary: dict) -> None:
             val = f"{row['val_acc']:.4f}" if row["val_acc"] is not None else "-"
             lines.append(f"  {row['method']:<18} {row['adapter_params']:>14,} {lr:>8} {val:>7} "
                          f"{row['test_acc']:>10.4f} {row['time_s']:>7.1f} s")
-        for name, info in [("GLoRA (searched)", r)] + [(b.get("label", k), b) for k, b in
-                                                      sorted((r.get("baselines") or {}).items())]:
-            failed = [f"{a['lr']:.0e}" for a in info.get("refits") or [] if a.get("diverged")]
+        baselines = r.get("baselines") or {}
+        for name, info in [("GLoRA (searched)", r)] + [
+                (baselines[k].get("label", k), baselines[k])
+                for k in sorted(baselines, key=lambda k: (BASELINE_ORDER.index(k) if k in BASELINE_ORDER else 99, k))]:
+            attempts = info.get("refits") or []
+            failed = [f"{a['lr']:.0e}" for a in attempts if a.get("diverged")]
             if failed:
+                every = any(a.get("kept") for a in attempts)
                 lines.append(f"  ! {name}: the train800val200 refit diverged at lr {', '.join(failed)} "
-                             f"(retrain.refit_guard); the lr shown is the one kept")
+                             f"(retrain.refit_guard); " + ("every lr diverged: the lr shown is the one closest to "
+                                                           "its train800 loss" if every else
+                                                           "the lr shown is the next by val200, which did not"))
         if len(rows) > 1:
             lines.append("  (lr chosen on val200 after training on train800; test scored once, after training on "
                          "train800val200; GLoRA's time includes supernet and search)")

@@ -199,7 +199,9 @@ def check_stage_files(cfg: Config, stage: str) -> None:
     else:
         checkpoint_info(folder)
         select = sorted((folder / "select").glob("*")) if (folder / "select").is_dir() else []
-        for sub in [folder / "head_only", folder / "lora"] + select:
+        refits = [r for d in (folder, folder / "head_only", folder / "lora") if (d / "refit").is_dir()
+                  for r in sorted((d / "refit").glob("*"))]
+        for sub in [folder / "head_only", folder / "lora"] + select + refits:
             checkpoint_info(sub)
             read_jsonl(sub / "log.jsonl")
             if (sub / "val.json").exists() and not isinstance(

@@ -83,7 +83,8 @@ def task_row(task: str, summary: dict, seed: int | None = None) -> dict:
         row[f"{key}_lr"] = b.get("lr")
         if key == "lora":
             row["lora_rank"] = b.get("rank")
-    diverged = [f"{key}@{a['lr']:.0e}" for key, info in [("glora", r)] + sorted((r.get("baselines") or {}).items())
+    diverged = [f"{key}@{a['lr']:.0e}" + ("(kept: every lr diverged)" if a.get("kept") else "")
+                for key, info in [("glora", r)] + sorted((r.get("baselines") or {}).items())
                 for a in info.get("refits") or [] if a.get("diverged")]
     if diverged:  # refits that retrain.refit_guard caught: the method kept the next lr of its grid
         row["diverged_refits"] = " ".join(diverged)
@@ -143,8 +144,8 @@ def write_tables(root: Path, rows: list[dict]) -> None:
     caught = [f"{r['task']}" + ("" if "seed" not in r else f" seed {r['seed']}") + f": {r['diverged_refits']}"
               for r in rows if r.get("diverged_refits")]
     if caught:
-        lines += ["", "Refits on train800val200 that diverged and were trained again at the next lr by val200 "
-                      "(retrain.refit_guard): " + "; ".join(caught) + "."]
+        lines += ["", "Refits on train800val200 that diverged (retrain.refit_guard; the method was trained again at "
+                      "its next lr by val200): " + "; ".join(caught) + "."]
     lines += fewshot_lines(rows, methods)
     if any("seed" in r for r in rows):
         lines += seed_lines(rows, methods)

@@ -231,9 +231,9 @@ def test_refit_diverged_compares_with_the_train800_loss_at_the_same_lr():
     assert refit_diverged(2.38, 0.26, 2.0)  # a refit that fell back to chance while train800 converged
     assert not refit_diverged(0.32, 0.18, 2.0) and not refit_diverged(1.12, 0.85, 2.0)
     assert not refit_diverged(0.003, 0.0001, 2.0)  # tiny losses: the slack absorbs the ratio
-    assert refit_diverged(None, 0.3, 2.0)  # a non-finite refit loss
-    assert not refit_diverged(5.0, None, 2.0)  # nothing to compare with: no verdict
-    assert not refit_diverged(5.0, 0.1, 0.0)  # refit_guard 0: off
+    assert refit_diverged(None, 0.3, 2.0) and refit_diverged(None, None, 2.0)  # a non-finite refit loss
+    assert not refit_diverged(5.0, None, 2.0)  # a finite one with nothing to compare with: no verdict
+    assert not refit_diverged(5.0, 0.1, 0.0) and not refit_diverged(None, 0.1, 0.0)  # refit_guard 0: off
 
 
 def test_a_diverged_refit_is_trained_again_at_the_next_lr(tmp_path, data_root, tiny_run, capsys, monkeypatch):
@@ -245,10 +245,12 @@ def test_a_diverged_refit_is_trained_again_at_the_next_lr(tmp_path, data_root, t
 
     def fit_that_diverges_for_lora(model, named, train, spec, out_dir, *a, **kw):
         log = real_fit(model, named, train, spec, out_dir, *a, **kw)
-        if spec.desc == "lora (train800val200)" and out_dir.parent.name != "refit":
-            log[-1]["loss"] = 50.0  # what the log of a collapsed run reads like
+        if spec.desc == "lora (train800val200)" and (out_dir.parent.name != "refit" or every[0]):
+            log[-1]["loss"] = 50.0 if out_dir.parent.name != "refit" else 30.0  # a collapsed run's log
             (out_dir / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
         return log
+
+    every = [False]
 
     monkeypatch.setattr(rt, "fit", fit_that_diverges_for_lora)
     out = tmp_path / "guard"
@@ -274,6 +276,15 @@ def test_a_diverged_refit_is_trained_again_at_the_next_lr(tmp_path, data_root, t
     assert run_search.main(args + ["--stage", "retrain"]) == 0
     again = json.loads((out / "retrain" / "metrics.json").read_text())["baselines"]["lora"]
     assert again["refits"] == lora["refits"] and again["test_acc"] == lora["test_acc"]
+    # every lr diverges: the attempt closest to its train800 loss is kept (both reload their checkpoints)
+    every[0] = True
+    (out / "retrain" / "metrics.json").unlink()
+    assert run_search.main(args + ["--stage", "retrain"]) == 0
+    assert "every lr diverged" in capsys.readouterr().out
+    lora = json.loads((out / "retrain" / "metrics.json").read_text())["baselines"]["lora"]
+    assert [a["diverged"] for a in lora["refits"]] == [True, True]
+    kept = min(lora["refits"], key=lambda a: a["train_loss"] / a["train800_loss"])
+    assert kept.get("kept") and lora["lr"] == kept["lr"] and sum("kept" in a for a in lora["refits"]) == 1
 
 
 def test_a_diverged_grid_point_is_never_chosen_by_loss():

@@ -183,6 +183,9 @@ case("checkpoint is a pickle", "checkpoint.safetensors is damaged",
      setup=malicious_pickle("supernet/checkpoint.safetensors"))
 case("legacy pickle checkpoint", "never loaded", setup=malicious_pickle("supernet/checkpoint.pt"))
 case("retrain checkpoint truncated", "is damaged", setup=truncate("retrain/checkpoint.safetensors", 0.9))
+case("refit checkpoint damaged", "lr0.001/checkpoint.safetensors is damaged",
+     setup=lambda c: ((c.run / "retrain" / "lora" / "refit" / "lr0.001").mkdir(parents=True),
+                      (c.run / "retrain" / "lora" / "refit" / "lr0.001" / "checkpoint.safetensors").write_bytes(b"")))
 case("adapters truncated", "adapters.safetensors is damaged", setup=truncate("supernet/adapters.safetensors"))
 case("adapters empty", "adapters.safetensors is damaged", setup=write("supernet/adapters.safetensors", b""))
 case("state.json a list", "expected a mapping", setup=write("search/state.json", "[1, 2]"))
@@ -257,7 +260,7 @@ def _other_task(data_root: Path) -> None:
 
 
 def test_bad_input_table_size():
-    assert len(BAD_INPUTS) == 89, len(BAD_INPUTS)
+    assert len(BAD_INPUTS) == 90, len(BAD_INPUTS)
 
 
 @pytest.mark.parametrize("sets,setup,argv,fragment", BAD_INPUTS)

@@ -244,12 +244,14 @@ REFIT_SLACK = 0.1  # train-loss points allowed on top of refit_guard x the train
 
 
 def refit_diverged(refit_loss: float | None, select_loss: float | None, guard: float) -> bool:
-    """Whether the train800val200 refit at an lr ended far above the train800 run at the same lr: its last-epoch
-    train loss above ``guard`` times that run's plus ``REFIT_SLACK``, or not finite. ``guard`` 0 turns it off;
-    without a train800 loss to compare with there is no verdict (False)."""
-    if guard <= 0 or select_loss is None:
+    """Whether the train800val200 refit at an lr diverged: its last-epoch train loss is not finite, or ends above
+    ``guard`` times the train800 run's at the same lr plus ``REFIT_SLACK``. ``guard`` 0 turns it off; a finite
+    refit with no train800 loss to compare with gets no verdict (False)."""
+    if guard <= 0:
         return False
-    return refit_loss is None or refit_loss > guard * select_loss + REFIT_SLACK
+    if refit_loss is None:
+        return True
+    return select_loss is not None and refit_loss > guard * select_loss + REFIT_SLACK
 
 
 def selection_key(select_by: str, acc: float, loss: float | None) -> float:
@@ -299,7 +301,7 @@ def select_lr(cfg: Config, method: Method, num_classes: int, train800, val200, o
         acc, loss = evaluate_with_loss(net, va.batches(cfg.data.eval_batch_size), device, cfg.precision)
         _logger.info("%s: lr %.3g -> val200 top-1 %.4f, loss %.4f", method.label, lr, acc, loss)
         loss = loss if math.isfinite(loss) else None  # JSON has no NaN; a diverged point ranks last
-        tl = _last_loss(log)
+        tl = dist.agree(_last_loss(log))  # rank 0's reading: the refit fallbacks depend on it
         if dist.is_main():
             atomic_write_json(done, {"val_acc": acc, "val_loss": loss, "train_loss": tl, "lr": lr, "fingerprint": fp})
         scores[repr(lr)] = acc
@@ -321,33 +323,57 @@ def run_method(cfg: Config, method: Method, num_classes: int, splits: dict, out:
                                                            splits.get("val200"), stage_dir(cfg, cfg.retrain.dir),
                                                            device, progress)
     select_by = cfg.retrain.select_by
-    order = [lr] + sorted((float(k) for k in scores if float(k) != lr),
+    # the fallbacks: the grid's other lrs by val200, less those whose train800 run did not end finite
+    order = [lr] + sorted((float(k) for k in scores if float(k) != lr and k in train_losses),
                           key=lambda v: (selection_key(select_by, scores[repr(v)], losses.get(repr(v))), -v),
                           reverse=True)
     t0 = time.time()
-    refits = []
-    for attempt, lr in enumerate(order):
+    refits: list[dict] = []
+    feats: dict = {}  # head-only: the frozen backbone's features, computed once for every attempt
+    guard = cfg.retrain.refit_guard
+
+    def attempt(i: int) -> tuple[nn.Module, list[dict]]:
         model = method.build(cfg, num_classes, device)
-        net, (train,) = trainable_view(cfg, method, model, [splits["train800val200"]], device, {})
+        net, (train,) = trainable_view(cfg, method, model, [splits["train800val200"]], device, feats)
         named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        fp = dict(method.fingerprint(cfg), lr=lr)
+        fp = dict(method.fingerprint(cfg), lr=order[i])
         if not method.key.startswith("glora"):
             fp["split"] = "train800val200"
         log = fit(accel.maybe_compile(net, cfg.retrain.compile), named, train,
-                  _fit_spec(cfg, f"{method.key} (train800val200)", fp, lr=lr),
-                  out if attempt == 0 else out / "refit" / _lr_tag(lr),
+                  _fit_spec(cfg, f"{method.key} (train800val200)", fp, lr=order[i]),
+                  out if i == 0 else out / "refit" / _lr_tag(order[i]),
                   device, progress=progress, head_names=head_names(model))
+        return model, log
+
+    for i, lr in enumerate(order):
+        model, log = attempt(i)
         loss, select_loss = _last_loss(log), train_losses.get(repr(lr))
-        diverged = refit_diverged(loss, select_loss, cfg.retrain.refit_guard)
+        # rank 0's verdict for every rank: the others must not take a different branch (another fit, or test)
+        diverged = dist.agree(refit_diverged(loss, select_loss, guard))
         refits.append({"lr": lr, "train_loss": loss, "train800_loss": select_loss, "diverged": diverged})
         if not diverged:
             break
-        last = attempt + 1 == len(order)
-        _logger.warning("%s: the train800val200 refit at lr %.3g ended at train loss %s against %.4f on train800 at "
+        _logger.warning("%s: the train800val200 refit at lr %.3g ended at train loss %s against %s on train800 at "
                         "the same lr (retrain.refit_guard %g): diverged; %s", method.label, lr,
-                        "nan" if loss is None else f"{loss:.4f}", select_loss, cfg.retrain.refit_guard,
-                        "no lr of the grid is left, so it is kept" if last else
-                        f"training again at lr {order[attempt + 1]:.3g}, the next by val200")
+                        "nan" if loss is None else f"{loss:.4f}",
+                        "nan" if select_loss is None else f"{select_loss:.4f}", guard,
+                        f"training again at lr {order[i + 1]:.3g}, the next by val200" if i + 1 < len(order) else
+                        "no lr of the grid is left")
+        if i + 1 < len(order):
+            del model  # before the next attempt builds its own
+    else:
+        # every lr diverged: keep the attempt whose refit ended closest to its train800 loss (the val200 choice on
+        # a tie); its finished checkpoint reloads without training
+        def ratio(a):
+            return (a["train_loss"] if a["train_loss"] is not None else math.inf) / max(a["train800_loss"] or 0, 1e-8)
+        best = min(range(len(refits)), key=lambda i: (ratio(refits[i]), i))
+        lr = order[best]
+        _logger.warning("%s: every refit diverged; keeping lr %.3g (the closest to its train800 loss)",
+                        method.label, lr)
+        if best != len(refits) - 1:
+            del model
+            model, _ = attempt(best)
+        refits[best]["kept"] = True
     info = {"lr": lr, "val_acc_by_lr": scores, "val_loss_by_lr": losses, "train800_loss_by_lr": train_losses,
             "refits": refits, "select_time_s": round(t_select, 1),
             "train_time_s": round(time.time() - t0, 1),
