@@ -23,6 +23,12 @@ def tiny_run(finished_run):
     return finished_run
 
 
+def copy_searched(run, out):
+    """The supernet and search of a finished run, copied to ``out`` for a retrain with other settings."""
+    shutil.copytree(run / "supernet", out / "supernet")
+    shutil.copytree(run / "search", out / "search")
+
+
 def test_every_file_is_written(tiny_run):
     for f in ["config.yaml", "summary.json", "supernet/checkpoint.safetensors", "supernet/adapters.safetensors",
               "supernet/log.jsonl", "search/history.jsonl", "search/subnet.yaml", "search/topk.yaml",
@@ -163,8 +169,7 @@ def test_lr_chosen_on_val200_for_glora_and_each_baseline(tmp_path, data_root, ti
     """retrain.lr_grid: every method trains on train800 per lr, keeps the best val200 score, then trains on
     train800val200; the summary shows GLoRA beside LoRA and head-only."""
     out = tmp_path / "grid"
-    shutil.copytree(tiny_run / "supernet", out / "supernet")
-    shutil.copytree(tiny_run / "search", out / "search")
+    copy_searched(tiny_run, out)
     args = tiny_args(out, data_root, "retrain.lr_grid=[1e-4, 3e-2]", "retrain.baselines=[lora, head]")
     assert run_search.main(args + ["--stage", "retrain"]) == 0
     printed = capsys.readouterr().out
@@ -199,8 +204,7 @@ def test_select_by_loss_picks_the_lowest_val_loss_and_rescores_old_grid_points(t
     """retrain.select_by=loss: every method (and the top-k subnet) is chosen by val200 cross-entropy; a grid point
     recorded without a loss is scored again from its finished checkpoint, without training."""
     out = tmp_path / "by-loss"
-    shutil.copytree(tiny_run / "supernet", out / "supernet")
-    shutil.copytree(tiny_run / "search", out / "search")
+    copy_searched(tiny_run, out)
     args = tiny_args(out, data_root, "retrain.lr_grid=[1e-4, 3e-2]", "retrain.baselines=[lora, head]",
                      "retrain.select_by=loss", "retrain.top_k=2")
     assert run_search.main(args + ["--stage", "retrain"]) == 0
@@ -254,8 +258,7 @@ def test_a_diverged_refit_is_trained_again_at_the_next_lr(tmp_path, data_root, t
 
     monkeypatch.setattr(rt, "fit", fit_that_diverges_for_lora)
     out = tmp_path / "guard"
-    shutil.copytree(tiny_run / "supernet", out / "supernet")
-    shutil.copytree(tiny_run / "search", out / "search")
+    copy_searched(tiny_run, out)
     args = tiny_args(out, data_root, "retrain.lr_grid=[1e-4, 3e-2]", "retrain.baselines=[lora, head]")
     assert run_search.main(args + ["--stage", "retrain"]) == 0
     printed = capsys.readouterr().out
@@ -371,8 +374,7 @@ def test_suite_over_seeds_runs_each_seed_and_pairs_glora_with_lora(tmp_path, dat
 
 def test_top_k_subnets_chosen_on_val200(tmp_path, data_root, tiny_run):
     out = tmp_path / "topk"
-    shutil.copytree(tiny_run / "supernet", out / "supernet")
-    shutil.copytree(tiny_run / "search", out / "search")
+    copy_searched(tiny_run, out)
     args = tiny_args(out, data_root, "retrain.top_k=3", "retrain.baselines=[lora]")
     assert run_search.main(args + ["--stage", "retrain"]) == 0
     m = json.loads((out / "retrain" / "metrics.json").read_text())
