@@ -38,8 +38,18 @@ def worker_env() -> dict:
 
 
 def torchrun(*args, nproc: int = 2) -> subprocess.CompletedProcess:
-    return subprocess.run(torchrun_cmd(*args, nproc=nproc), cwd=ROOT, env=worker_env(), capture_output=True,
-                          text=True, timeout=TIMEOUT)
+    """Run a torchrun job to its end; past TIMEOUT, kill the launcher and its workers (a hung collective would
+    otherwise leave them running after the test fails) and raise TimeoutExpired."""
+    cmd = torchrun_cmd(*args, nproc=nproc)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        kill_job(proc)
+        out, err = proc.communicate()
+        raise subprocess.TimeoutExpired(cmd, TIMEOUT, output=out, stderr=err) from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def _children(pid: int) -> list[int]:
@@ -217,6 +227,43 @@ def test_two_processes_choose_the_same_lrs_with_baselines(one_and_two, small_roo
     again = json.loads((runs[2] / "retrain" / "metrics.json").read_text())
     assert again["baselines"]["lora"]["test_acc"] == m2["baselines"]["lora"]["test_acc"]
     assert again["test_acc"] == m2["test_acc"]
+
+
+
+def test_two_processes_follow_rank_zero_when_a_refit_diverges(one_and_two, small_root, monkeypatch):
+    """retrain.refit_guard under torchrun: LoRA's refit looks collapsed on rank 0 only (tests/guard_worker.py).
+    Both ranks train it again at the next lr (a rank that went on to test alone would leave the other waiting in
+    a collective) and end where one process ends with the same collapse."""
+    import glora.stages.retrain as rt
+    sys.path.insert(0, str(ROOT / "tests"))
+    from guard_worker import COLLAPSED_LOSS, diverging_fit
+    one, _, _ = one_and_two
+    extra = ("retrain.lr_grid=[1e-3, 1e-2]", "retrain.baselines=[lora]")
+    lora = {}
+    for n in (1, 2):
+        out = one.parent / f"guard-{n}"
+        for stage in ("supernet", "search"):
+            shutil.copytree(one / stage, out / stage)
+        args = [*run_args(out, small_root, *extra), "--stage", "retrain"]
+        if n == 1:
+            monkeypatch.setattr(rt, "fit", diverging_fit(rt.fit))
+            assert run_search.main(args) == 0
+            monkeypatch.undo()
+        else:
+            r = torchrun("tests/guard_worker.py", *args)
+            assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+            assert "refit diverged at lr" in r.stdout
+        m = json.loads((out / "retrain" / "metrics.json").read_text())
+        lora[n] = m["baselines"]["lora"]
+        by_val = max(lora[n]["val_acc_by_lr"], key=lambda k: (lora[n]["val_acc_by_lr"][k], -float(k)))
+        first, second = lora[n]["refits"]
+        assert first["diverged"] and first["train_loss"] == COLLAPSED_LOSS and first["lr"] == float(by_val)
+        assert not second["diverged"] and lora[n]["lr"] == second["lr"] != first["lr"]
+        assert (out / "retrain" / "lora" / "refit" / f"lr{second['lr']:.3g}" / CHECKPOINT).is_file()
+        lora[n]["glora_test_acc"] = m["test_acc"]
+    for k in ("lr", "val_acc_by_lr", "test_acc", "glora_test_acc"):
+        assert lora[1][k] == lora[2][k], k
+    assert [x["diverged"] for x in lora[1]["refits"]] == [x["diverged"] for x in lora[2]["refits"]]
 
 
 def test_summary_records_world_size_and_backend(one_and_two):
