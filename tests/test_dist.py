@@ -96,6 +96,20 @@ def run_args(out, root, *extra):
     return args
 
 
+def retrain_on_copy(one: Path, out: Path, root: Path, extra, script: str | None = None) -> str:
+    """The retrain stage on a copy of one process's supernet and search: in this process (``script`` None) or
+    under torchrun with ``script``, whose stdout it returns."""
+    for stage in ("supernet", "search"):
+        shutil.copytree(one / stage, out / stage)
+    args = [*run_args(out, root, *extra), "--stage", "retrain"]
+    if script is None:
+        assert run_search.main(args) == 0
+        return ""
+    r = torchrun(script, *args)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r.stdout
+
+
 @pytest.fixture(scope="module")
 def small_root(tmp_path_factory):
     """dsprites_loc with a 200-image test split (the shared task has 2000)."""
@@ -199,16 +213,8 @@ def test_two_processes_choose_the_same_lrs_with_baselines(one_and_two, small_roo
     extra = ("retrain.lr_grid=[1e-3, 1e-2]", "retrain.baselines=[lora, head]")
     runs = {}
     for n in (1, 2):
-        out = one.parent / f"grid-{n}"
-        for stage in ("supernet", "search"):
-            shutil.copytree(one / stage, out / stage)
-        args = [*run_args(out, small_root, *extra), "--stage", "retrain"]
-        if n == 1:
-            assert run_search.main(args) == 0
-        else:
-            r = torchrun("run_search.py", *args)
-            assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-        runs[n] = out
+        runs[n] = one.parent / f"grid-{n}"
+        retrain_on_copy(one, runs[n], small_root, extra, None if n == 1 else "run_search.py")
     m1, m2 = (json.loads((runs[n] / "retrain" / "metrics.json").read_text()) for n in (1, 2))
     assert set(m1["baselines"]) == set(m2["baselines"]) == {"lora", "head"}
     for a, b in [(m1, m2)] + [(m1["baselines"][k], m2["baselines"][k]) for k in ("lora", "head")]:
@@ -242,17 +248,11 @@ def test_two_processes_follow_rank_zero_when_a_refit_diverges(one_and_two, small
     lora = {}
     for n in (1, 2):
         out = one.parent / f"guard-{n}"
-        for stage in ("supernet", "search"):
-            shutil.copytree(one / stage, out / stage)
-        args = [*run_args(out, small_root, *extra), "--stage", "retrain"]
-        if n == 1:
-            monkeypatch.setattr(rt, "fit", diverging_fit(rt.fit))
-            assert run_search.main(args) == 0
-            monkeypatch.undo()
-        else:
-            r = torchrun("tests/guard_worker.py", *args)
-            assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-            assert "refit diverged at lr" in r.stdout
+        with monkeypatch.context() as mp:
+            if n == 1:
+                mp.setattr(rt, "fit", diverging_fit(rt.fit))
+            printed = retrain_on_copy(one, out, small_root, extra, None if n == 1 else "tests/guard_worker.py")
+        assert n == 1 or "refit diverged at lr" in printed
         m = json.loads((out / "retrain" / "metrics.json").read_text())
         lora[n] = m["baselines"]["lora"]
         by_val = max(lora[n]["val_acc_by_lr"], key=lambda k: (lora[n]["val_acc_by_lr"][k], -float(k)))
