@@ -235,7 +235,6 @@ def test_two_processes_choose_the_same_lrs_with_baselines(one_and_two, small_roo
     assert again["test_acc"] == m2["test_acc"]
 
 
-
 def test_two_processes_follow_rank_zero_when_a_refit_diverges(one_and_two, small_root, monkeypatch):
     """retrain.refit_guard under torchrun: LoRA's refit looks collapsed on rank 0 only (tests/guard_worker.py).
     Both ranks train it again at the next lr (a rank that went on to test alone would leave the other waiting in
