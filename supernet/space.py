@@ -244,6 +244,26 @@ class SearchSpace:
         """The training path of a step: a function of (seed, step) only, the same on every data-parallel rank."""
         return self.random(np.random.default_rng([int(seed), int(step)]))
 
+    @property
+    def fair_width(self) -> int:
+        """The number of paths of one fair step (:meth:`fair_paths`): the most options any tensor has."""
+        return max(len(o) for opts in self.options for o in opts)
+
+    def fair_paths(self, rng: np.random.Generator) -> list[Subnet]:
+        """Paths of one step under strict fairness: ``n`` subnets (``n`` = :attr:`fair_width`) in which
+        every tensor of every layer takes each of its options equally often (a tensor with fewer options than
+        ``n`` takes each ``n // len`` times and ``n % len`` distinct ones once more), in a random order."""
+        n = self.fair_width
+        columns = []  # per (layer, tensor): its option in each of the n paths
+        for opts in self.options:
+            for o in opts:
+                picks = list(o) * (n // len(o)) + [o[j] for j in rng.permutation(len(o))[: n % len(o)]]
+                columns.append([picks[j] for j in rng.permutation(n)])
+        per_layer = len(TENSORS)
+        return [Subnet(self.names, tuple(LayerChoice(*(columns[i * per_layer + t][k] for t in range(per_layer)))
+                                         for i in range(len(self.specs))))
+                for k in range(n)]
+
     def uniform(self, choice: LayerChoice) -> Subnet:
         """Every layer takes ``choice``; tensors a layer cannot adapt (no bias) stay ``none``."""
         layers = tuple(LayerChoice(*(c if (s.bias or t in "AB") else "none" for t, c in zip(TENSORS, choice)))

@@ -4,12 +4,13 @@ SGD (momentum and weight decay) is linear in the gradient, so the weights of a d
 one process to float reduction order at every step; AdamW divides each gradient by its own running magnitude,
 which turns rounding noise in near-zero gradient entries into differences up to the learning rate.
 
-    python tests/dist_worker.py OUT N_TRAIN...            # one process
+    python tests/dist_worker.py OUT N_TRAIN...            # one process (N_TRAIN + "f": fair paths)
     torchrun --nproc_per_node 2 tests/dist_worker.py OUT N_TRAIN...  # same weights, written by rank 0
 """
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
@@ -23,7 +24,8 @@ def sgd_for(named_params, lr, weight_decay, head_names=frozenset(), head_lr_scal
     return torch.optim.SGD(groups, lr=lr, momentum=0.9)
 
 
-def run(out: str, n_train: int = 44) -> dict:
+def run(out: str, n_train: int = 44, fair: bool = False) -> dict:
+    """``fair``: each step trains the ``fair_width`` paths of ``SearchSpace.fair_paths`` (gradients averaged)."""
     import glora.core.trainer as trainer
     from glora.core import dist
     from glora.core.engine import InMemorySplit
@@ -36,17 +38,26 @@ def run(out: str, n_train: int = 44) -> dict:
     train = InMemorySplit(torch.randn(n_train, 3, 32, 32, generator=g), torch.randint(0, 5, (n_train,), generator=g))
     named = {n: p for n, p in sn.model.named_parameters() if p.requires_grad}
     before = {n: p.detach().clone() for n, p in named.items()}
-    spec = trainer.FitSpec(epochs=2, lr=0.05, weight_decay=0.1, batch_size=8, seed=3, desc="sgd")
+    spec = trainer.FitSpec(epochs=2, lr=0.05, weight_decay=0.1, batch_size=8, seed=3, desc="sgd",
+                           paths_per_step=sn.space.fair_width if fair else 1)
+    paths = []
+
+    def before_step(step):
+        if fair:
+            paths[:] = sn.space.fair_paths(np.random.default_rng([0, step]))
+        else:
+            sn.sample_path(0, step)
+    tag = f"{n_train}{'f' if fair else ''}"
     original, trainer.optimizer_for = trainer.optimizer_for, sgd_for
     try:
-        trainer.fit(sn, named, train, spec, Path(out) / f"fit-{n_train}", torch.device("cpu"), progress=False,
-                    before_step=lambda step: sn.sample_path(0, step))
+        trainer.fit(sn, named, train, spec, Path(out) / f"fit-{tag}", torch.device("cpu"), progress=False,
+                    before_step=before_step, before_pass=lambda step, k: fair and sn.set_subnet(paths[k]))
     finally:
         trainer.optimizer_for = original
     state = {n: p.detach().clone() for n, p in named.items()}
     untouched = sorted(n for n in named if torch.equal(state[n], before[n]))
     if dist.is_main():
-        torch.save({"params": state, "untouched": untouched}, Path(out) / f"weights-{n_train}.pt")
+        torch.save({"params": state, "untouched": untouched}, Path(out) / f"weights-{tag}.pt")
     return state
 
 
@@ -54,7 +65,7 @@ if __name__ == "__main__":
     from glora.core import dist
     dist.init("cpu", batch_size=8)
     try:
-        for n in sys.argv[2:]:
-            run(sys.argv[1], int(n))
+        for n in sys.argv[2:]:  # "44": one path a step; "44f": fair paths
+            run(sys.argv[1], int(n.rstrip("f")), fair=n.endswith("f"))
     finally:
         dist.cleanup()

@@ -154,19 +154,26 @@ def test_without_torchrun_nothing_is_sharded():
 def test_fit_two_processes_match_one_with_sgd(tmp_path):
     """fit() itself: sharded batches, loss scaled by the global batch, gradients summed, off-path parameters
     left alone. With SGD (linear in the gradient) the weights agree within rtol 1e-5, atol 1e-6.
-    44 samples: 5 full batches of 8 an epoch; 1 sample: one batch that leaves rank 0 an empty shard."""
+    44 samples: 5 full batches of 8 an epoch; 1 sample: one batch that leaves rank 0 an empty shard; "44f": fair
+    sampling, several passes a step before the gradients are summed over ranks."""
     sys.path.insert(0, str(ROOT / "tests"))
     import dist_worker
     (tmp_path / "two").mkdir()
-    r = torchrun("tests/dist_worker.py", str(tmp_path / "two"), "44", "1")
+    r = torchrun("tests/dist_worker.py", str(tmp_path / "two"), "44", "1", "44f")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    for n_train in (44, 1):
-        ref = dist_worker.run(str(tmp_path / "one"), n_train)
-        got = torch.load(tmp_path / "two" / f"weights-{n_train}.pt")
-        one = torch.load(tmp_path / "one" / f"weights-{n_train}.pt")
-        assert got["untouched"] == one["untouched"] and got["untouched"]  # some parameter was never on a path
+    untouched = {}
+    for n_train, fair in ((44, False), (1, False), (44, True)):
+        tag = f"{n_train}{'f' if fair else ''}"
+        ref = dist_worker.run(str(tmp_path / "one"), n_train, fair=fair)
+        got = torch.load(tmp_path / "two" / f"weights-{tag}.pt")
+        one = torch.load(tmp_path / "one" / f"weights-{tag}.pt")
+        assert got["untouched"] == one["untouched"]
+        untouched[tag] = set(got["untouched"])
         for k, v in ref.items():
-            torch.testing.assert_close(got["params"][k], v, rtol=1e-5, atol=1e-6, msg=f"{n_train}: {k}")
+            torch.testing.assert_close(got["params"][k], v, rtol=1e-5, atol=1e-6, msg=f"{tag}: {k}")
+    # one path a step leaves some adapter off every path; fair steps put every option on a path (D, which
+    # scales a bias that is zero in this random model, gets no gradient either way)
+    assert untouched["44f"] < untouched["44"]
 
 
 def test_two_processes_score_and_pick_the_same_subnet(search_on_one):

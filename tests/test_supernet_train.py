@@ -1,4 +1,6 @@
 """Supernet training: save/load of adapter weights and exact resume after an interruption."""
+import collections
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -116,3 +118,130 @@ def test_path_sampling_budget_keeps_training_paths_in_budget(tmp_path, data_root
     assert len(seen) == 5 and len(set(seen)) > 1
     inside = [lo <= p <= hi for p in seen]
     assert all(inside) if sampling == "budget" else not all(inside)
+
+
+def assert_fair(space, paths):
+    """Every tensor of every layer takes each of its options n // len or n // len + 1 times over the n paths."""
+    n = space.fair_width
+    assert len(paths) == n and all(space.contains(p) for p in paths)
+    for i, opts in enumerate(space.options):
+        for t, o in enumerate(opts):
+            got = collections.Counter(p.layers[i][t] for p in paths)
+            assert set(got) <= set(o) and sum(got.values()) == n
+            assert all(n // len(o) <= got[c] <= n // len(o) + 1 for c in o), (i, t, got)
+
+
+def test_fair_paths_give_every_option_equal_turns(vit):
+    import numpy as np
+    from supernet.wrapper import GloraSupernet
+    space = GloraSupernet(vit, ranks=[2, 4]).space
+    assert space.fair_width == 5  # A and B: lora_2, lora_4, vector, scalar, none
+    draws = [space.fair_paths(np.random.default_rng([3, s])) for s in range(6)]
+    for paths in draws:
+        assert_fair(space, paths)
+    assert draws[0] == space.fair_paths(np.random.default_rng([3, 0]))  # a function of the generator's seed
+    assert len({p.key for paths in draws for p in paths}) == 30  # the order of the options is random
+    # n = 5 paths: C (lora_2, lora_4, vector, none) takes one option twice, D (vector, scalar, none) two twice
+    assert space.options[0][2] == ("lora_2", "lora_4", "vector", "none")
+    assert sorted(collections.Counter(p.layers[0][2] for p in draws[0]).values()) == [1, 1, 1, 2]
+    assert sorted(collections.Counter(p.layers[0][3] for p in draws[0]).values()) == [1, 2, 2]
+
+
+def test_fair_step_averages_the_gradients_of_its_paths(tmp_path):
+    """One optimizer step of ``fit`` with n passes gets the mean of the n paths' gradients on the same batch,
+    computed here path by path (an independent accumulation)."""
+    import numpy as np
+    from conftest import tiny_vit
+    from glora.core.engine import InMemorySplit
+    from supernet.wrapper import GloraSupernet
+    torch.manual_seed(0)
+    sn = GloraSupernet(tiny_vit(num_classes=5), ranks=[2, 4])
+    g = torch.Generator().manual_seed(1)
+    train = InMemorySplit(torch.randn(24, 3, 32, 32, generator=g), torch.randint(0, 5, (24,), generator=g))
+    named = {n: p for n, p in sn.model.named_parameters() if p.requires_grad}
+    paths = sn.space.fair_paths(np.random.default_rng(7))
+    grads = {}
+
+    class Recorder(torch.optim.SGD):
+        def step(self, closure=None):
+            grads.update({n: p.grad.detach().clone() for n, p in named.items() if p.grad is not None})
+
+    spec = st.FitSpec(epochs=1, lr=0.1, weight_decay=0.0, batch_size=8, seed=2, max_steps_per_epoch=1,
+                      paths_per_step=len(paths))
+    original = st.optimizer_for
+    st.optimizer_for = lambda named_params, lr, *a, **k: Recorder(
+        [{"params": list(named_params.values()), "lr": lr, "lr_scale": 1.0}], lr=lr)
+    try:
+        st.fit(sn, named, train, spec, tmp_path / "fit", torch.device("cpu"), progress=False,
+               before_pass=lambda step, k: sn.set_subnet(paths[k]))
+    finally:
+        st.optimizer_for = original
+    x, y = next(iter(train.batches(8, shuffle=True, seed=2, epoch=0, drop_last=True)))
+    want = {n: torch.zeros_like(p) for n, p in named.items()}
+    on_path = set()
+    sn.train()
+    for p in paths:
+        sn.set_subnet(p)
+        sn.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(sn(x), y).backward()
+        for n, q in named.items():
+            if q.grad is not None:
+                want[n] += q.grad / len(paths)
+                on_path.add(n)
+    assert set(grads) == on_path
+    for n, w in want.items():
+        torch.testing.assert_close(grads.get(n, torch.zeros_like(w)), w, rtol=1e-5, atol=1e-7, msg=n)
+    # a single pass would have seen one path only: the averaged gradient differs from each path's own
+    assert any(not torch.allclose(grads[n], want[n] * len(paths)) for n in grads)
+
+
+def test_fair_sampling_trains_fair_paths_and_resumes_exactly(tmp_path, data_root, monkeypatch):
+    from supernet.space import SearchSpace
+    from supernet.wrapper import GloraSupernet
+    ref_cfg = tiny_cfg(tmp_path / "ref", data_root, "supernet.path_sampling=fair", "supernet.probe_paths=0")
+    seen = []
+    orig_set = GloraSupernet.set_subnet
+
+    def record(self, subnet, freeze=False):
+        if self.training:
+            seen.append(subnet)
+        return orig_set(self, subnet, freeze)
+    monkeypatch.setattr(GloraSupernet, "set_subnet", record)
+    train_supernet(ref_cfg, progress=False)
+    monkeypatch.undo()
+    space = build_supernet_space(ref_cfg)
+    n = space.fair_width
+    assert len(seen) == 2 * 5 * n  # 2 epochs of 5 steps, n paths a step
+    for s in range(10):
+        assert_fair(space, seen[s * n:(s + 1) * n])
+    log = st.read_jsonl(tmp_path / "ref" / "supernet" / "log.jsonl")
+    assert all(0 < r["train_acc"] <= 1 and r["loss"] > 0 for r in log)
+    ref = load_file(tmp_path / "ref" / "supernet" / "adapters.safetensors")
+
+    cfg = tiny_cfg(tmp_path / "killed", data_root, "supernet.path_sampling=fair", "supernet.probe_paths=0")
+    calls = {"n": 0}
+    orig_fair = SearchSpace.fair_paths
+
+    def dying(self, rng):
+        calls["n"] += 1
+        if calls["n"] == 8:  # step 8 of 10: in epoch 2
+            raise Killed()
+        return orig_fair(self, rng)
+    monkeypatch.setattr(SearchSpace, "fair_paths", dying)
+    with pytest.raises(Killed):
+        train_supernet(cfg, progress=False)
+    monkeypatch.undo()
+    train_supernet(cfg, progress=False)
+    got = load_file(tmp_path / "killed" / "supernet" / "adapters.safetensors")
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], atol=0, rtol=0)
+    # the uniform supernet of the same seed ends elsewhere: the option changed the training
+    uni = tiny_cfg(tmp_path / "uni", data_root, "supernet.probe_paths=0")
+    train_supernet(uni, progress=False)
+    other = load_file(tmp_path / "uni" / "supernet" / "adapters.safetensors")
+    assert any(not torch.equal(other[k], ref[k]) for k in ref)
+
+
+def build_supernet_space(cfg):
+    from glora.stages.supernet import build_supernet
+    return build_supernet(cfg, num_classes=16).space

@@ -301,7 +301,7 @@ def validate(cfg: dict) -> None:
             raise UserError(f"config key retrain.lr_grid: {v!r} is not a positive learning rate (e.g. [3e-4, 1e-3])")
         grid.append(f)
     cfg["retrain"]["lr_grid"] = grid
-    _one_of("supernet.path_sampling", cfg["supernet"]["path_sampling"], ["uniform", "budget"])
+    _one_of("supernet.path_sampling", cfg["supernet"]["path_sampling"], ["uniform", "budget", "fair"])
     _one_of("glora.parametrisation", cfg["glora"]["parametrisation"], ["paper", "scaled"])
     for key in ("a_lora_scale", "vector_scale"):
         v = cfg["glora"][key]

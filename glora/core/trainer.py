@@ -46,6 +46,7 @@ class FitSpec:
     seed: int = 0
     precision: str = "fp32"  # fp32 | bf16 | auto (bf16 on CUDA)
     head_lr_scale: float = 1.0  # the classifier head's lr is lr * head_lr_scale
+    paths_per_step: int = 1  # forward/backward passes per optimizer step, their gradients averaged (``before_pass``)
     desc: str = "train"
     fingerprint: dict = field(default_factory=dict)  # must match on resume (model, layers, subnet, ...)
 
@@ -73,9 +74,13 @@ def checkpoint_epoch(out_dir: str | Path) -> int:
 def fit(model: nn.Module, named_params: dict[str, nn.Parameter], train: InMemorySplit, spec: FitSpec,
         out_dir: str | Path, device: torch.device, before_step: Optional[Callable[[int], None]] = None,
         after_epoch: Optional[Callable[[int], dict]] = None, progress: bool = True,
-        head_names: set[str] = frozenset()) -> list[dict]:
+        head_names: set[str] = frozenset(),
+        before_pass: Optional[Callable[[int, int], None]] = None) -> list[dict]:
     """Train ``named_params`` of ``model`` on ``train``; checkpoint and log each epoch under ``out_dir``.
-    ``head_names``: the keys of ``named_params`` that belong to the classifier head (see ``head_lr_scale``)."""
+    ``head_names``: the keys of ``named_params`` that belong to the classifier head (see ``head_lr_scale``).
+    ``before_step(step)`` runs before each optimizer step; with ``spec.paths_per_step = n`` each step runs ``n``
+    forward/backward passes on the same batch, ``before_pass(step, k)`` before pass ``k``, and steps on the mean
+    of their gradients (the logged loss and train top-1 are means over the passes too)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     spec = replace(spec, precision=resolve_precision(spec.precision, device))  # auto: as it runs here
@@ -88,8 +93,12 @@ def fit(model: nn.Module, named_params: dict[str, nn.Parameter], train: InMemory
         steps_per_epoch = min(steps_per_epoch, spec.max_steps_per_epoch)
     total = steps_per_epoch * spec.epochs
     warmup = int(round(spec.warmup_epochs * steps_per_epoch))
+    passes = spec.paths_per_step
+    if passes < 1:
+        raise ValueError(f"paths_per_step must be >= 1, got {passes}")
     fingerprint = dict(spec.fingerprint, steps_per_epoch=steps_per_epoch, params=sorted(named_params),
-                       spec={k: v for k, v in asdict(spec).items() if k not in ("desc", "fingerprint")})
+                       spec={k: v for k, v in asdict(spec).items() if k not in ("desc", "fingerprint")
+                             and not (k == "paths_per_step" and v == 1)})  # runs from before the option resume
 
     start = 0
     ckpt = out_dir / CHECKPOINT
@@ -137,28 +146,30 @@ def fit(model: nn.Module, named_params: dict[str, nn.Parameter], train: InMemory
                 before_step(step)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             opt.zero_grad(set_to_none=True)
-            if world > 1:  # this rank's share of the mean over the global batch; grads summed over ranks
-                global_n = min(bs, len(train) - i * bs)
+            # this rank's share of the mean over the global batch (grads summed over ranks), over the passes
+            global_n = min(bs, len(train) - i * bs) if world > 1 else len(y)
+            for k in range(passes):
+                if before_pass is not None:
+                    before_pass(step, k)
                 if len(y):
                     with autocast(device, spec.precision):
                         logits = model(x)
-                    loss = F.cross_entropy(logits.float(), y, reduction="sum") / global_n
+                    if world > 1:
+                        loss = F.cross_entropy(logits.float(), y, reduction="sum") / (global_n * passes)
+                    else:
+                        loss = F.cross_entropy(logits.float(), y) / passes
                     loss.backward()
                 else:  # an empty shard (a global batch smaller than the world)
                     logits, loss = torch.zeros(0, 1, device=device), torch.zeros((), device=device)
+                # the statistics: this shard's summed loss and hits, averaged over the passes
+                loss_sum += loss.detach().double() * global_n
+                correct += (logits.detach().argmax(-1) == y).sum()
+            if world > 1:
                 dist.all_reduce_grads(params)
-                loss = loss * global_n / max(len(y), 1)  # the shard's mean, for the statistics below
-            else:
-                with autocast(device, spec.precision):
-                    logits = model(x)
-                loss = F.cross_entropy(logits.float(), y)
-                loss.backward()
             if spec.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, spec.grad_clip)
             opt.step()
-            loss_sum += loss.detach().double() * len(y)
             seen += len(y)
-            correct += (logits.detach().argmax(-1) == y).sum()
             if progress and ((i + 1) % POSTFIX_EVERY == 0 or i + 1 == steps_per_epoch):
                 bar.set_postfix(loss=f"{float(loss_sum) / max(seen, 1):.3f}", lr=f"{lr:.1e}")
             bar.update(1)
@@ -167,7 +178,7 @@ def fit(model: nn.Module, named_params: dict[str, nn.Parameter], train: InMemory
         if world > 1:
             loss_sum, seen, correct = dist.all_reduce_sum([loss_sum, seen, correct])
             seen, correct = int(seen), int(correct)
-        record = {"epoch": epoch + 1, "loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
+        record = {"epoch": epoch + 1, "loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen * passes, 1),
                   "lr": lr}
         if after_epoch is not None:
             record.update(after_epoch(epoch))

@@ -2,7 +2,9 @@
 
 The path of step ``s`` is drawn from ``(seed, s)`` alone (``SearchSpace.path``; with
 ``supernet.path_sampling: budget`` a path inside the search budget, drawn as the search draws its random
-candidates, so training concentrates on the subnets the search will score), so data-parallel ranks agree
+candidates, so training concentrates on the subnets the search will score; with ``fair`` the step trains
+``n`` paths in which every tensor of every layer takes each of its options equally often, their gradients
+averaged, so no option gets more updates than another), so data-parallel ranks agree
 without communication, and a resumed run draws the same paths as an uninterrupted one (see
 ``glora.core.trainer.fit`` for the rest of the resume guarantee).
 
@@ -116,10 +118,22 @@ def train_supernet(cfg: Config, progress: bool = True) -> dict:
             rng = np.random.default_rng([int(cfg.seed), int(step)])
             sub = sample_in_budget(sn.space, rng, lo, hi)
             sn.set_subnet(sub if sub is not None else sn.space.path(cfg.seed, step))
+    elif s.path_sampling == "fair":
+        spec.fingerprint["path_sampling"] = "fair"
+        spec.paths_per_step = sn.space.fair_width
+        step_paths: list = []
+
+        def set_path(step: int) -> None:
+            step_paths[:] = sn.space.fair_paths(np.random.default_rng([int(cfg.seed), int(step)]))
     else:
         def set_path(step: int) -> None:
             sn.sample_path(cfg.seed, step)
-    log = fit(sn, named, train, spec, out, device, before_step=set_path,
+
+    def set_pass(step: int, k: int) -> None:
+        if s.path_sampling == "fair":
+            sn.set_subnet(step_paths[k])
+
+    log = fit(sn, named, train, spec, out, device, before_step=set_path, before_pass=set_pass,
               after_epoch=probe, progress=progress, head_names=head_names(sn.model))
     if dist.is_main():
         atomic_save_safetensors(out / ADAPTERS, sn.trainable_state_dict(),
