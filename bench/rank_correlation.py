@@ -30,13 +30,7 @@ from glora.stages.retrain import Method, _fit_spec  # noqa: E402
 from supernet.inject import head_names  # noqa: E402
 from supernet.space import LayerChoice, Subnet  # noqa: E402
 
-
-def spearman(a, b) -> float:
-    ra = np.argsort(np.argsort(a, kind="stable"), kind="stable").astype(float)
-    rb = np.argsort(np.argsort(b, kind="stable"), kind="stable").astype(float)
-    ra -= ra.mean()
-    rb -= rb.mean()
-    return float((ra * rb).sum() / np.sqrt((ra ** 2).sum() * (rb ** 2).sum()))
+from rank_supernets import spearman  # noqa: E402  (bench/ is this script's folder)
 
 
 def main() -> None:
