@@ -57,6 +57,8 @@ def test_overrides_keep_types_and_reach_free_form_mappings():
     ("retrain.refit_guard=-1", "retrain.refit_guard: must be 0 (off) or a finite number >= 1"),
     ("glora.vector_scale=3", "glora.vector_scale: 3.0 has no effect with glora.parametrisation 'paper'"),
     ("search.min_params_m=5", "is above search.max_params_m"),
+    ("retrain.lr_grid=[1e-3, 3e-3, 0.0010001]", "retrain.lr_grid: 0.001 and 0.0010001 name the same run folder"),
+    ("retrain.lr_grid=[3e-3, 3e-3]", "retrain.lr_grid: 0.003 and 0.003 name the same run folder"),
     ("supernet", "expected section.key=value"),
     ("modle.name=x", "unknown config key 'modle'"),
 ])

@@ -24,6 +24,11 @@ CONFIG_DIR = REPO_ROOT / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 
 
+def lr_tag(lr: float) -> str:
+    """The name of a learning rate's run folders (``select/<method>_<tag>``, ``refit/<tag>``)."""
+    return f"lr{lr:.3g}"
+
+
 class Config(dict):
     """A nested dict with read-only attribute access (``cfg.supernet.lr``)."""
 
@@ -299,6 +304,10 @@ def validate(cfg: dict) -> None:
             f = float("nan")
         if not f > 0 or f == float("inf"):
             raise UserError(f"config key retrain.lr_grid: {v!r} is not a positive learning rate (e.g. [3e-4, 1e-3])")
+        same = [g for g in grid if lr_tag(g) == lr_tag(f)]
+        if same:
+            raise UserError(f"config key retrain.lr_grid: {same[0]:g} and {f:g} name the same run folder "
+                            f"({lr_tag(f)}: lrs are named to 3 significant digits); give distinct lrs")
         grid.append(f)
     cfg["retrain"]["lr_grid"] = grid
     _one_of("supernet.path_sampling", cfg["supernet"]["path_sampling"], ["uniform", "budget", "fair"])

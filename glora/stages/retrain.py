@@ -15,7 +15,7 @@ from glora.core import accel, dist
 from glora.core.build import (build_backbone, first_batch, load_split, model_source, prepare_data, stage_dir, stream_batches,
                           tokenizer_source)
 from glora.core.checkpoint import CHECKPOINT
-from glora.core.config import Config
+from glora.core.config import Config, lr_tag
 from glora.core.engine import InMemorySplit, autocast, evaluate, evaluate_with_loss, resolve_device, set_threads
 from glora.core.errors import UserError
 from glora.core.io import atomic_save_safetensors, atomic_write_json, read_jsonl
@@ -205,10 +205,6 @@ def trainable_view(cfg: Config, method: "Method", model: nn.Module, splits: list
     return model.get_classifier(), out
 
 
-def _lr_tag(lr: float) -> str:
-    return f"lr{lr:.3g}"
-
-
 def _stored_val(done: Path, fingerprint: dict, select_by: str) -> tuple[float, float | None] | None:
     """The val200 (top-1, loss) a finished grid point kept in ``val.json``; None when there is none for these
     settings, or when ``select_by`` needs a loss that an older record lacks (its finished checkpoint then
@@ -280,7 +276,7 @@ def select_lr(cfg: Config, method: Method, num_classes: int, train800, val200, o
     train_losses: dict[str, float] = {}
     feats: dict = {}
     for lr in grid:
-        d = out / "select" / f"{method.key}_{_lr_tag(lr)}"
+        d = out / "select" / f"{method.key}_{lr_tag(lr)}"
         done = d / "val.json"
         fp = dict(method.fingerprint(cfg), split="train800", lr=lr)  # select_by is not in it: the training is the same
         stored = dist.on_main(lambda: _stored_val(done, fp, select_by))  # rank 0's reading decides for every rank
@@ -296,7 +292,7 @@ def select_lr(cfg: Config, method: Method, num_classes: int, train800, val200, o
         net, (tr, va) = trainable_view(cfg, method, model, [train800, val200], device, feats)
         named = {n: p for n, p in model.named_parameters() if p.requires_grad}
         net = accel.maybe_compile(net, cfg.retrain.compile)
-        log = fit(net, named, tr, _fit_spec(cfg, f"{method.key} {_lr_tag(lr)} (train800)", fp, lr=lr), d,
+        log = fit(net, named, tr, _fit_spec(cfg, f"{method.key} {lr_tag(lr)} (train800)", fp, lr=lr), d,
                   device, progress=progress, head_names=head_names(model))
         acc, loss = evaluate_with_loss(net, va.batches(cfg.data.eval_batch_size), device, cfg.precision)
         _logger.info("%s: lr %.3g -> val200 top-1 %.4f, loss %.4f", method.label, lr, acc, loss)
@@ -341,7 +337,7 @@ def run_method(cfg: Config, method: Method, num_classes: int, splits: dict, out:
             fp["split"] = "train800val200"
         log = fit(accel.maybe_compile(net, cfg.retrain.compile), named, train,
                   _fit_spec(cfg, f"{method.key} (train800val200)", fp, lr=order[i]),
-                  out if i == 0 else out / "refit" / _lr_tag(order[i]),
+                  out if i == 0 else out / "refit" / lr_tag(order[i]),
                   device, progress=progress, head_names=head_names(model))
         return model, log
 
