@@ -94,7 +94,10 @@ def _stage_fingerprint(cfg: Config, stage: str) -> dict:
     search extends a finished one exactly as if it had run on; a shorter one is refused by the check of the
     folder's files)."""
     if stage == "supernet":
-        return _base_keys(cfg, ("supernet",))
+        fp = _base_keys(cfg, ("supernet",))
+        if cfg.supernet.path_sampling == "budget":  # its training paths are drawn inside the search budget
+            fp.update(_keys(cfg, ["search.min_params_m", "search.max_params_m"]))
+        return fp
     if stage == "search":
         return _base_keys(cfg, ("supernet", "search", "data.eval_batch_size"), leave_out=["search.generations"])
     if stage == "retrain":
@@ -159,9 +162,13 @@ def check_stage_settings(cfg: Config, stage: str) -> None:
     if not isinstance(rec, dict) or not isinstance(rec.get("fingerprint"), dict):
         raise UserError(f"{path}: damaged, expected a mapping with a 'fingerprint' mapping; {fix}")
     mine = json.loads(json.dumps(stage_fingerprint(cfg, stage)))
-    if rec["fingerprint"] != mine:
+    old = dict(rec["fingerprint"])
+    if isinstance(rec.get("config"), dict):  # a key the fingerprint gained later: read it off the config it ran with
+        ran = _flat(rec["config"])
+        old.update({k: ran[k] for k in mine if k not in old and k in ran})
+    if old != mine:
         other = "another retrain.dir or output_dir" if stage == "retrain" else "another output_dir"
-        raise UserError(f"{folder} was made with other settings ({_differences(rec['fingerprint'], mine)}); "
+        raise UserError(f"{folder} was made with other settings ({_differences(old, mine)}); "
                         f"use {other}, or delete {folder} to redo it")
 
 

@@ -400,3 +400,31 @@ def test_comparison_rows_put_lora_before_the_head_whatever_the_file_order():
     rows = comparison_rows(summary)
     assert [r["method"] for r in rows] == ["GLoRA (searched)", "LoRA r=4", "head only"]
     assert rows[0]["time_s"] == 10.0 and rows[1]["val_acc"] == 0.4
+
+
+def test_budget_trained_supernet_is_tied_to_its_budget(cli, tmp_path, data_root):
+    """With path_sampling budget the supernet's paths come from the search budget: another budget must not reuse
+    it. Uniform paths do not depend on it. A folder recorded before the budget joined the fingerprint is read
+    by the config it ran with."""
+    import json
+
+    def supernet(out, *extra):
+        return cli(*tiny_args(out, data_root, *extra), "--stage", "supernet")
+    sampling, lo, hi = "supernet.path_sampling=budget", "search.min_params_m=0.004", "search.max_params_m=0.011"
+    budget = [sampling, lo, hi]
+    assert supernet(tmp_path / "b", *budget).returncode == 0
+    r = supernet(tmp_path / "b", sampling, "search.min_params_m=0.003", hi)
+    assert r.returncode == 2 and "search.min_params_m: 0.004 -> 0.003" in r.stderr, r.stderr
+    assert supernet(tmp_path / "b", *budget).returncode == 0  # the same budget: finished, nothing to redo
+
+    settings = tmp_path / "b" / "supernet" / "settings.json"
+    rec = json.loads(settings.read_text())
+    for k in ("search.min_params_m", "search.max_params_m"):  # as an older version recorded it
+        del rec["fingerprint"][k]
+    settings.write_text(json.dumps(rec))
+    assert supernet(tmp_path / "b", *budget).returncode == 0
+    r = supernet(tmp_path / "b", sampling, lo, "search.max_params_m=0.01")
+    assert r.returncode == 2 and "search.max_params_m: 0.011 -> 0.01" in r.stderr, r.stderr
+
+    assert supernet(tmp_path / "u", lo, hi).returncode == 0
+    assert supernet(tmp_path / "u", "search.min_params_m=0.003", hi).returncode == 0
