@@ -42,6 +42,19 @@ class Killed(Exception):
     pass
 
 
+def assert_resumes_to(cfg, monkeypatch, ref):
+    """Run ``cfg``'s supernet until the patched kill, undo the patches, run the same command again: the adapters
+    must equal ``ref`` bit for bit."""
+    with pytest.raises(Killed):
+        train_supernet(cfg, progress=False)
+    monkeypatch.undo()
+    train_supernet(cfg, progress=False)  # the same command again
+    got = load_file(f"{cfg.output_dir}/supernet/adapters.safetensors")
+    assert set(got) == set(ref)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("where", ["mid_epoch_2", "after_log_before_checkpoint", "mid_epoch_1"])
 def test_resume_after_kill_is_exact(tmp_path, data_root, monkeypatch, where):
     ref_cfg = tiny_cfg(tmp_path / "ref", data_root)
@@ -69,14 +82,7 @@ def test_resume_after_kill_is_exact(tmp_path, data_root, monkeypatch, where):
                 raise Killed()
             return orig_save(path, obj)
         monkeypatch.setattr(st, "save_checkpoint", dying_save)
-    with pytest.raises(Killed):
-        train_supernet(cfg, progress=False)
-    monkeypatch.undo()
-    train_supernet(cfg, progress=False)  # the same command again
-    got = load_file(tmp_path / "killed" / "supernet" / "adapters.safetensors")
-    assert set(got) == set(ref)
-    for k in ref:
-        torch.testing.assert_close(got[k], ref[k], atol=0, rtol=0)
+    assert_resumes_to(cfg, monkeypatch, ref)
     log = st.read_jsonl(tmp_path / "killed" / "supernet" / "log.jsonl")
     assert [r["epoch"] for r in log] == [1, 2]
 
@@ -228,13 +234,7 @@ def test_fair_sampling_trains_fair_paths_and_resumes_exactly(tmp_path, data_root
             raise Killed()
         return orig_fair(self, rng)
     monkeypatch.setattr(SearchSpace, "fair_paths", dying)
-    with pytest.raises(Killed):
-        train_supernet(cfg, progress=False)
-    monkeypatch.undo()
-    train_supernet(cfg, progress=False)
-    got = load_file(tmp_path / "killed" / "supernet" / "adapters.safetensors")
-    for k in ref:
-        torch.testing.assert_close(got[k], ref[k], atol=0, rtol=0)
+    assert_resumes_to(cfg, monkeypatch, ref)
     # the uniform supernet of the same seed ends elsewhere: the option changed the training
     uni = tiny_cfg(tmp_path / "uni", data_root, "supernet.probe_paths=0")
     train_supernet(uni, progress=False)
