@@ -95,7 +95,7 @@ def _stage_fingerprint(cfg: Config, stage: str) -> dict:
     folder's files)."""
     if stage == "supernet":
         fp = _base_keys(cfg, ("supernet",))
-        if cfg.supernet.path_sampling == "budget":  # its training paths are drawn inside the search budget
+        if cfg.supernet.path_sampling in ("budget", "sandwich"):  # training paths drawn inside the search budget
             fp.update(_keys(cfg, ["search.min_params_m", "search.max_params_m"]))
         return fp
     if stage == "search":

@@ -264,6 +264,16 @@ class SearchSpace:
                                          for i in range(len(self.specs))))
                 for k in range(n)]
 
+    def largest(self) -> Subnet:
+        """The path with the most adapter elements: every tensor of every layer takes its largest option
+        (the first listed among equals)."""
+        layers = []
+        for s, opts in zip(self.specs, self.options):
+            layers.append(LayerChoice(*(max(o, key=lambda c, t=t: (layer_params(LayerChoice(**{t: c}), s.in_features,
+                                                                               s.out_features), -o.index(c)))
+                                        for t, o in zip(TENSORS, opts))))
+        return Subnet(self.names, tuple(layers))
+
     def uniform(self, choice: LayerChoice) -> Subnet:
         """Every layer takes ``choice``; tensors a layer cannot adapt (no bias) stay ``none``."""
         layers = tuple(LayerChoice(*(c if (s.bias or t in "AB") else "none" for t, c in zip(TENSORS, choice)))

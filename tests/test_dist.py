@@ -155,16 +155,17 @@ def test_fit_two_processes_match_one_with_sgd(tmp_path):
     """fit() itself: sharded batches, loss scaled by the global batch, gradients summed, off-path parameters
     left alone. With SGD (linear in the gradient) the weights agree within rtol 1e-5, atol 1e-6.
     44 samples: 5 full batches of 8 an epoch; 1 sample: one batch that leaves rank 0 an empty shard; "44f": fair
-    sampling, several passes a step before the gradients are summed over ranks."""
+    sampling, several passes a step before the gradients are summed over ranks; "44s" and "1s": sandwich steps
+    whose students learn the teacher's predictions on each rank's shard."""
     sys.path.insert(0, str(ROOT / "tests"))
     import dist_worker
     (tmp_path / "two").mkdir()
-    r = torchrun("tests/dist_worker.py", str(tmp_path / "two"), "44", "1", "44f")
+    r = torchrun("tests/dist_worker.py", str(tmp_path / "two"), "44", "1", "44f", "44s", "1s")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     untouched = {}
-    for n_train, fair in ((44, False), (1, False), (44, True)):
-        tag = f"{n_train}{'f' if fair else ''}"
-        ref = dist_worker.run(str(tmp_path / "one"), n_train, fair=fair)
+    for tag in ("44", "1", "44f", "44s", "1s"):
+        ref = dist_worker.run(str(tmp_path / "one"), int(tag.rstrip("fs")), fair=tag.endswith("f"),
+                              sandwich=tag.endswith("s"))
         got = torch.load(tmp_path / "two" / f"weights-{tag}.pt")
         one = torch.load(tmp_path / "one" / f"weights-{tag}.pt")
         assert got["untouched"] == one["untouched"]

@@ -403,9 +403,9 @@ def test_comparison_rows_put_lora_before_the_head_whatever_the_file_order():
 
 
 def test_budget_trained_supernet_is_tied_to_its_budget(cli, tmp_path, data_root):
-    """With path_sampling budget the supernet's paths come from the search budget: another budget must not reuse
-    it. Uniform paths do not depend on it. A folder recorded before the budget joined the fingerprint is read
-    by the config it ran with."""
+    """With path_sampling budget (or sandwich) the supernet's paths come from the search budget: another budget
+    must not reuse it. Uniform paths do not depend on it. A folder recorded before the budget joined the
+    fingerprint is read by the config it ran with."""
     import json
 
     def supernet(out, *extra):
@@ -416,6 +416,10 @@ def test_budget_trained_supernet_is_tied_to_its_budget(cli, tmp_path, data_root)
     r = supernet(tmp_path / "b", sampling, "search.min_params_m=0.003", hi)
     assert r.returncode == 2 and "search.min_params_m: 0.004 -> 0.003" in r.stderr, r.stderr
     assert supernet(tmp_path / "b", *budget).returncode == 0  # the same budget: finished, nothing to redo
+    sandwich = ["supernet.path_sampling=sandwich", lo, hi]
+    assert supernet(tmp_path / "s", *sandwich).returncode == 0
+    r = supernet(tmp_path / "s", *sandwich[:2], "search.max_params_m=0.01")
+    assert r.returncode == 2 and "search.max_params_m: 0.011 -> 0.01" in r.stderr, r.stderr
 
     settings = tmp_path / "b" / "supernet" / "settings.json"
     rec = json.loads(settings.read_text())

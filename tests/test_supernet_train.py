@@ -1,5 +1,6 @@
 """Supernet training: save/load of adapter weights and exact resume after an interruption."""
 import collections
+from dataclasses import replace
 
 import pytest
 import torch
@@ -245,3 +246,132 @@ def test_fair_sampling_trains_fair_paths_and_resumes_exactly(tmp_path, data_root
 def build_supernet_space(cfg):
     from glora.stages.supernet import build_supernet
     return build_supernet(cfg, num_classes=16).space
+
+
+def test_largest_path_takes_every_tensors_biggest_option():
+    from supernet.params import layer_params
+    from supernet.space import TENSORS, LayerChoice, LayerSpec, SearchSpace
+    specs = [LayerSpec("qkv", 8, 24), LayerSpec("fc", 4, 2, bias=False)]
+    space = SearchSpace(specs, ranks=[1, 2], choices_ab=["vector", "lora", "none"], choices_c=["none", "vector"])
+    big = space.largest()
+    assert space.contains(big)
+    # lora_2 on an 8 -> 24 layer (2 * 32 = 64) beats lora_1 (32) and a vector (24); C vector beats none
+    assert big.layers[0] == LayerChoice("lora_2", "lora_2", "vector", "vector", "vector")
+    assert big.layers[1] == LayerChoice("lora_2", "lora_2", "none", "none", "none")  # no bias: C-E stay none
+    # no other single-option change adds elements (checked against every option of every tensor)
+    for i, (s, opts) in enumerate(zip(specs, space.options)):
+        for t, o in zip(TENSORS, opts):
+            for c in o:
+                other = big.layers[i]._replace(**{t: c})
+                assert layer_params(other, s.in_features, s.out_features) <= \
+                    layer_params(big.layers[i], s.in_features, s.out_features)
+    assert space.params(big) == space.param_range()[1]
+
+
+def test_distill_step_gradient_matches_teacher_then_students(tmp_path):
+    """With ``distill`` one ``fit`` step gets (CE of the teacher path on the labels + the students' soft
+    cross-entropy against the teacher's softmax) / n, computed here pass by pass with an explicit log-softmax."""
+    import numpy as np
+    from conftest import tiny_vit
+    from glora.core.engine import InMemorySplit
+    from supernet.wrapper import GloraSupernet
+    torch.manual_seed(0)
+    sn = GloraSupernet(tiny_vit(num_classes=5), ranks=[2, 4])
+    g = torch.Generator().manual_seed(1)
+    train = InMemorySplit(torch.randn(24, 3, 32, 32, generator=g), torch.randint(0, 5, (24,), generator=g))
+    named = {n: p for n, p in sn.model.named_parameters() if p.requires_grad}
+    rng = np.random.default_rng(3)
+    paths = [sn.space.largest(), sn.space.random(rng), sn.space.random(rng)]
+    grads = {}
+
+    class Recorder(torch.optim.SGD):
+        def step(self, closure=None):
+            grads.update({n: p.grad.detach().clone() for n, p in named.items() if p.grad is not None})
+
+    spec = st.FitSpec(epochs=1, lr=0.1, weight_decay=0.0, batch_size=8, seed=2, max_steps_per_epoch=1,
+                      paths_per_step=len(paths), distill=True)
+    original = st.optimizer_for
+    st.optimizer_for = lambda named_params, lr, *a, **k: Recorder(
+        [{"params": list(named_params.values()), "lr": lr, "lr_scale": 1.0}], lr=lr)
+    try:
+        st.fit(sn, named, train, spec, tmp_path / "fit", torch.device("cpu"), progress=False,
+               before_pass=lambda step, k: sn.set_subnet(paths[k]))
+    finally:
+        st.optimizer_for = original
+    x, y = next(iter(train.batches(8, shuffle=True, seed=2, epoch=0, drop_last=True)))
+    sn.train()
+    sn.set_subnet(paths[0])
+    with torch.no_grad():
+        z = sn(x)
+        teacher = torch.exp(z - z.logsumexp(-1, keepdim=True))
+    total = 0.0
+    for k, p in enumerate(paths):
+        sn.set_subnet(p)
+        logp = sn(x)
+        logp = logp - logp.logsumexp(-1, keepdim=True)
+        target = torch.nn.functional.one_hot(y, 5).float() if k == 0 else teacher
+        total = total - (target * logp).sum(-1).mean() / len(paths)
+    sn.zero_grad(set_to_none=True)
+    total.backward()
+    want = {n: q.grad for n, q in named.items() if q.grad is not None}
+    assert set(grads) == set(want)
+    for n, w in want.items():
+        torch.testing.assert_close(grads[n], w, rtol=1e-5, atol=1e-7, msg=n)
+    # the students learnt the teacher, not the labels: the same passes on the labels give another gradient
+    st.optimizer_for = lambda named_params, lr, *a, **k: Recorder(
+        [{"params": list(named_params.values()), "lr": lr, "lr_scale": 1.0}], lr=lr)
+    try:
+        st.fit(sn, named, train, replace(spec, distill=False), tmp_path / "plain", torch.device("cpu"),
+               progress=False, before_pass=lambda step, k: sn.set_subnet(paths[k]))
+    finally:
+        st.optimizer_for = original
+    assert any(not torch.allclose(grads[n], want[n], rtol=1e-3, atol=1e-6) for n in want)
+    with pytest.raises(ValueError, match="distill needs"):
+        st.fit(sn, named, train, replace(spec, paths_per_step=1), tmp_path / "one", torch.device("cpu"),
+               progress=False)
+
+
+def test_sandwich_trains_largest_then_budget_paths_and_resumes_exactly(tmp_path, data_root, monkeypatch):
+    from search.operators import sample_in_budget
+    from supernet.wrapper import GloraSupernet
+    lo, hi = 4_000, 11_000
+    opts = ["supernet.path_sampling=sandwich", "supernet.sandwich_paths=2", "supernet.probe_paths=0",
+            f"search.min_params_m={lo / 1e6}", f"search.max_params_m={hi / 1e6}"]
+    ref_cfg = tiny_cfg(tmp_path / "ref", data_root, *opts)
+    space = build_supernet_space(ref_cfg)
+    assert space.params(space.largest()) > hi  # the teacher lies above the band, as in the benchmark
+    seen = []
+    orig_set = GloraSupernet.set_subnet
+
+    def record(self, subnet, freeze=False):
+        if self.training:
+            seen.append(subnet)
+        return orig_set(self, subnet, freeze)
+    monkeypatch.setattr(GloraSupernet, "set_subnet", record)
+    train_supernet(ref_cfg, progress=False)
+    monkeypatch.undo()
+    assert len(seen) == 2 * 5 * 3  # 2 epochs of 5 steps, 3 passes a step
+    students = [p for i, p in enumerate(seen) if i % 3]
+    assert all(p == space.largest() for p in seen[::3])
+    assert all(lo <= space.params(p) <= hi for p in students)
+    assert len(set(students)) > 10  # fresh draws, not one path repeated
+    log = st.read_jsonl(tmp_path / "ref" / "supernet" / "log.jsonl")
+    assert all(0 < r["train_acc"] <= 1 and r["loss"] > 0 for r in log)
+    ref = load_file(tmp_path / "ref" / "supernet" / "adapters.safetensors")
+
+    cfg = tiny_cfg(tmp_path / "killed", data_root, *opts)
+    import search.operators as so
+    calls = {"n": 0}
+
+    def dying(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 15:  # step 8 of 10 (2 draws a step): in epoch 2
+            raise Killed()
+        return sample_in_budget(*a, **k)
+    monkeypatch.setattr(so, "sample_in_budget", dying)
+    assert_resumes_to(cfg, monkeypatch, ref)
+    # budget sampling (one path a step, no teacher) ends elsewhere
+    other_cfg = tiny_cfg(tmp_path / "budget", data_root, *opts[2:], "supernet.path_sampling=budget")
+    train_supernet(other_cfg, progress=False)
+    other = load_file(tmp_path / "budget" / "supernet" / "adapters.safetensors")
+    assert any(not torch.equal(other[k], ref[k]) for k in ref)

@@ -310,7 +310,7 @@ def validate(cfg: dict) -> None:
                             f"({lr_tag(f)}: lrs are named to 3 significant digits); give distinct lrs")
         grid.append(f)
     cfg["retrain"]["lr_grid"] = grid
-    _one_of("supernet.path_sampling", cfg["supernet"]["path_sampling"], ["uniform", "budget", "fair"])
+    _one_of("supernet.path_sampling", cfg["supernet"]["path_sampling"], ["uniform", "budget", "fair", "sandwich"])
     _one_of("glora.parametrisation", cfg["glora"]["parametrisation"], ["paper", "scaled"])
     for key in ("a_lora_scale", "vector_scale"):
         v = cfg["glora"][key]
@@ -330,6 +330,7 @@ def validate(cfg: dict) -> None:
             _at_least(f"{sec}.{key}", t[key], 0)
     _at_least("supernet.grad_clip", cfg["supernet"]["grad_clip"], 0)
     _at_least("supernet.probe_paths", cfg["supernet"]["probe_paths"], 0)
+    _at_least("supernet.sandwich_paths", cfg["supernet"]["sandwich_paths"], 1)
     _at_least("retrain.merge_atol", r["merge_atol"], 0)
     if not (r["refit_guard"] == 0 or r["refit_guard"] >= 1) or not math.isfinite(r["refit_guard"]):
         raise UserError(f"config key retrain.refit_guard: must be 0 (off) or a finite number >= 1 (a factor on the "

@@ -47,6 +47,7 @@ class FitSpec:
     precision: str = "fp32"  # fp32 | bf16 | auto (bf16 on CUDA)
     head_lr_scale: float = 1.0  # the classifier head's lr is lr * head_lr_scale
     paths_per_step: int = 1  # forward/backward passes per optimizer step, their gradients averaged (``before_pass``)
+    distill: bool = False  # pass 0 learns the labels, passes 1.. its predictions on the batch (in-place distillation)
     desc: str = "train"
     fingerprint: dict = field(default_factory=dict)  # must match on resume (model, layers, subnet, ...)
 
@@ -80,7 +81,10 @@ def fit(model: nn.Module, named_params: dict[str, nn.Parameter], train: InMemory
     ``head_names``: the keys of ``named_params`` that belong to the classifier head (see ``head_lr_scale``).
     ``before_step(step)`` runs before each optimizer step; with ``spec.paths_per_step = n`` each step runs ``n``
     forward/backward passes on the same batch, ``before_pass(step, k)`` before pass ``k``, and steps on the mean
-    of their gradients (the logged loss and train top-1 are means over the passes too)."""
+    of their gradients (the logged loss and train top-1 are means over the passes too). With ``spec.distill``
+    pass 0 is the teacher: it learns the labels, and every later pass learns the teacher's predicted
+    distribution on the same batch (soft cross-entropy against its detached softmax), as in-place distillation
+    does; train top-1 still counts hits on the labels."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     spec = replace(spec, precision=resolve_precision(spec.precision, device))  # auto: as it runs here
@@ -96,9 +100,11 @@ def fit(model: nn.Module, named_params: dict[str, nn.Parameter], train: InMemory
     passes = spec.paths_per_step
     if passes < 1:
         raise ValueError(f"paths_per_step must be >= 1, got {passes}")
+    if spec.distill and passes < 2:
+        raise ValueError("distill needs paths_per_step >= 2 (a teacher pass and at least one student pass)")
     fingerprint = dict(spec.fingerprint, steps_per_epoch=steps_per_epoch, params=sorted(named_params),
                        spec={k: v for k, v in asdict(spec).items() if k not in ("desc", "fingerprint")
-                             and not (k == "paths_per_step" and v == 1)})  # runs from before the option resume
+                             and (k, v) not in (("paths_per_step", 1), ("distill", False))})  # older runs resume
 
     start = 0
     ckpt = out_dir / CHECKPOINT
@@ -154,10 +160,15 @@ def fit(model: nn.Module, named_params: dict[str, nn.Parameter], train: InMemory
                 if len(y):
                     with autocast(device, spec.precision):
                         logits = model(x)
-                    if world > 1:
+                    if spec.distill and k > 0:  # soft cross-entropy against the teacher pass's distribution
+                        per = -(soft * F.log_softmax(logits.float(), dim=-1)).sum(-1)
+                        loss = per.sum() / (global_n * passes) if world > 1 else per.mean() / passes
+                    elif world > 1:
                         loss = F.cross_entropy(logits.float(), y, reduction="sum") / (global_n * passes)
                     else:
                         loss = F.cross_entropy(logits.float(), y) / passes
+                    if spec.distill and k == 0:
+                        soft = F.softmax(logits.detach().float(), dim=-1)
                     loss.backward()
                 else:  # an empty shard (a global batch smaller than the world)
                     logits, loss = torch.zeros(0, 1, device=device), torch.zeros((), device=device)

@@ -4,7 +4,9 @@ The path of step ``s`` is drawn from ``(seed, s)`` alone (``SearchSpace.path``; 
 ``supernet.path_sampling: budget`` a path inside the search budget, drawn as the search draws its random
 candidates, so training concentrates on the subnets the search will score; with ``fair`` the step trains
 ``n`` paths in which every tensor of every layer takes each of its options equally often, their gradients
-averaged, so no option gets more updates than another), so data-parallel ranks agree
+averaged, so no option gets more updates than another; with ``sandwich`` the step trains the space's
+largest path on the labels and ``supernet.sandwich_paths`` budget paths on the largest path's predictions,
+in-place distillation as in BigNAS and once-for-all), so data-parallel ranks agree
 without communication, and a resumed run draws the same paths as an uninterrupted one (see
 ``glora.core.trainer.fit`` for the rest of the resume guarantee).
 
@@ -108,16 +110,27 @@ def train_supernet(cfg: Config, progress: bool = True) -> dict:
                                 "space": {t: list(o) for t, o in sn.space.tensor_options.items()},
                                 "task": [cfg.data.root, cfg.data.task], "num_classes": num_classes})
     named = {n: p for n, p in sn.model.named_parameters() if p.requires_grad}
-    if s.path_sampling == "budget":
-        spec.fingerprint["path_sampling"] = "budget"
+    if s.path_sampling in ("budget", "sandwich"):
+        spec.fingerprint["path_sampling"] = s.path_sampling
         lo, hi = int(round(cfg.search.min_params_m * 1e6)), int(round(cfg.search.max_params_m * 1e6))
         from search.operators import check_budget, sample_in_budget
         check_budget(sn.space, lo, hi)
 
-        def set_path(step: int) -> None:
-            rng = np.random.default_rng([int(cfg.seed), int(step)])
-            sub = sample_in_budget(sn.space, rng, lo, hi)
-            sn.set_subnet(sub if sub is not None else sn.space.path(cfg.seed, step))
+        def in_budget(*key: int):
+            sub = sample_in_budget(sn.space, np.random.default_rng([int(cfg.seed), *map(int, key)]), lo, hi)
+            return sub if sub is not None else sn.space.path(cfg.seed, key[0])
+
+        if s.path_sampling == "budget":
+            def set_path(step: int) -> None:
+                sn.set_subnet(in_budget(step))
+        else:  # the largest path on the labels, then sandwich_paths budget paths distilled from it
+            spec.fingerprint["sandwich_paths"] = s.sandwich_paths
+            spec.paths_per_step, spec.distill = 1 + s.sandwich_paths, True
+            largest = sn.space.largest()
+            step_paths = []
+
+            def set_path(step: int) -> None:
+                step_paths[:] = [largest] + [in_budget(step, k) for k in range(1, spec.paths_per_step)]
     elif s.path_sampling == "fair":
         spec.fingerprint["path_sampling"] = "fair"
         spec.paths_per_step = sn.space.fair_width
@@ -130,7 +143,7 @@ def train_supernet(cfg: Config, progress: bool = True) -> dict:
             sn.sample_path(cfg.seed, step)
 
     def set_pass(step: int, k: int) -> None:
-        if s.path_sampling == "fair":
+        if s.path_sampling in ("fair", "sandwich"):
             sn.set_subnet(step_paths[k])
 
     log = fit(sn, named, train, spec, out, device, before_step=set_path, before_pass=set_pass,
