@@ -51,6 +51,8 @@ def _keys(cfg: Config, prefixes: Iterable[str], leave_out: Iterable[str] = ()) -
     ``leave_out`` and the keys of ``LEFT_OUT_AT_DEFAULT`` at their default."""
     flat = _flat(cfg.to_dict())
     leave_out = set(leave_out)
+    if flat.get("supernet.path_sampling") != "sandwich":  # it changes nothing else; older folders lack it
+        leave_out.add("supernet.sandwich_paths")
     return {k: v for k, v in flat.items()
             if k not in leave_out and any(k == p or k.startswith(p + ".") for p in prefixes)
             and not (k in LEFT_OUT_AT_DEFAULT and v == LEFT_OUT_AT_DEFAULT[k])}

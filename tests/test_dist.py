@@ -156,14 +156,14 @@ def test_fit_two_processes_match_one_with_sgd(tmp_path):
     left alone. With SGD (linear in the gradient) the weights agree within rtol 1e-5, atol 1e-6.
     44 samples: 5 full batches of 8 an epoch; 1 sample: one batch that leaves rank 0 an empty shard; "44f": fair
     sampling, several passes a step before the gradients are summed over ranks; "44s" and "1s": sandwich steps
-    whose students learn the teacher's predictions on each rank's shard."""
+    whose students learn the teacher's predictions on each rank's shard ("5s": one batch split 3 / 2)."""
     sys.path.insert(0, str(ROOT / "tests"))
     import dist_worker
     (tmp_path / "two").mkdir()
-    r = torchrun("tests/dist_worker.py", str(tmp_path / "two"), "44", "1", "44f", "44s", "1s")
+    r = torchrun("tests/dist_worker.py", str(tmp_path / "two"), "44", "1", "44f", "44s", "1s", "5s")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     untouched = {}
-    for tag in ("44", "1", "44f", "44s", "1s"):
+    for tag in ("44", "1", "44f", "44s", "1s", "5s"):
         ref = dist_worker.run(str(tmp_path / "one"), int(tag.rstrip("fs")), fair=tag.endswith("f"),
                               sandwich=tag.endswith("s"))
         got = torch.load(tmp_path / "two" / f"weights-{tag}.pt")

@@ -425,6 +425,8 @@ def test_budget_trained_supernet_is_tied_to_its_budget(cli, tmp_path, data_root)
     rec = json.loads(settings.read_text())
     for k in ("search.min_params_m", "search.max_params_m"):  # as an older version recorded it
         del rec["fingerprint"][k]
+    assert "supernet.sandwich_paths" not in rec["fingerprint"]  # counts only for sandwich sampling
+    del rec["config"]["supernet"]["sandwich_paths"]  # older versions had no such key
     settings.write_text(json.dumps(rec))
     assert supernet(tmp_path / "b", *budget).returncode == 0
     r = supernet(tmp_path / "b", sampling, lo, "search.max_params_m=0.01")

@@ -133,6 +133,7 @@ case("image_size<0", "data.image_size", "data.image_size=-1")
 case("target_modules empty", "glora.target_modules", "glora.target_modules=[]")
 case("probe_paths<0", "supernet.probe_paths", "supernet.probe_paths=-1")
 case("sandwich_paths<1", "supernet.sandwich_paths", "supernet.sandwich_paths=0")
+case("sandwich_paths huge", "supernet.sandwich_paths", "supernet.sandwich_paths=1e9")
 case("path_sampling unknown", "sandwich", "supernet.path_sampling=sandwiched")
 case("device", "device", "device=gpu")
 # checked before the first stage: model, budget, data, network, folders

@@ -330,7 +330,9 @@ def validate(cfg: dict) -> None:
             _at_least(f"{sec}.{key}", t[key], 0)
     _at_least("supernet.grad_clip", cfg["supernet"]["grad_clip"], 0)
     _at_least("supernet.probe_paths", cfg["supernet"]["probe_paths"], 0)
-    _at_least("supernet.sandwich_paths", cfg["supernet"]["sandwich_paths"], 1)
+    if not 1 <= cfg["supernet"]["sandwich_paths"] <= 64:
+        raise UserError(f"config key supernet.sandwich_paths: must be an integer from 1 to 64 (passes per step "
+                        f"besides the largest path), got {cfg['supernet']['sandwich_paths']!r}")
     _at_least("retrain.merge_atol", r["merge_atol"], 0)
     if not (r["refit_guard"] == 0 or r["refit_guard"] >= 1) or not math.isfinite(r["refit_guard"]):
         raise UserError(f"config key retrain.refit_guard: must be 0 (off) or a finite number >= 1 (a factor on the "

@@ -6,7 +6,7 @@ candidates, so training concentrates on the subnets the search will score; with 
 ``n`` paths in which every tensor of every layer takes each of its options equally often, their gradients
 averaged, so no option gets more updates than another; with ``sandwich`` the step trains the space's
 largest path on the labels and ``supernet.sandwich_paths`` budget paths on the largest path's predictions,
-in-place distillation as in BigNAS and once-for-all), so data-parallel ranks agree
+in-place distillation as in BigNAS), so data-parallel ranks agree
 without communication, and a resumed run draws the same paths as an uninterrupted one (see
 ``glora.core.trainer.fit`` for the rest of the resume guarantee).
 
@@ -118,7 +118,9 @@ def train_supernet(cfg: Config, progress: bool = True) -> dict:
 
         def in_budget(*key: int):
             sub = sample_in_budget(sn.space, np.random.default_rng([int(cfg.seed), *map(int, key)]), lo, hi)
-            return sub if sub is not None else sn.space.path(cfg.seed, key[0])
+            if sub is None:  # no draw landed in the band: a uniform path (each pass of a step its own)
+                sub = sn.space.path(cfg.seed, key[0] if len(key) == 1 else key[0] * 1_000 + key[1])
+            return sub
 
         if s.path_sampling == "budget":
             def set_path(step: int) -> None:
