@@ -263,7 +263,7 @@ def _other_task(data_root: Path) -> None:
 
 
 def test_bad_input_table_size():
-    assert len(BAD_INPUTS) == 90, len(BAD_INPUTS)
+    assert len(BAD_INPUTS) == 93, len(BAD_INPUTS)
 
 
 @pytest.mark.parametrize("sets,setup,argv,fragment", BAD_INPUTS)
