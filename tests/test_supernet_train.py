@@ -109,19 +109,10 @@ def test_bf16_training_runs(tmp_path, data_root):
 
 @pytest.mark.parametrize("sampling", ["uniform", "budget"])
 def test_path_sampling_budget_keeps_training_paths_in_budget(tmp_path, data_root, monkeypatch, sampling):
-    from supernet.wrapper import GloraSupernet
-    seen = []
-    orig = GloraSupernet.set_subnet
-
-    def record(self, subnet, freeze=False):
-        if self.training:
-            seen.append(self.space.params(subnet))
-        return orig(self, subnet, freeze)
-    monkeypatch.setattr(GloraSupernet, "set_subnet", record)
     lo, hi = 6000, 9000
     cfg = tiny_cfg(tmp_path / "run", data_root, f"supernet.path_sampling={sampling}", "supernet.epochs=1",
                    "supernet.probe_paths=0", f"search.min_params_m={lo / 1e6}", f"search.max_params_m={hi / 1e6}")
-    train_supernet(cfg, progress=False)
+    seen = [build_supernet_space(cfg).params(p) for p in train_recording_paths(cfg, monkeypatch)]
     assert len(seen) == 5 and len(set(seen)) > 1
     inside = [lo <= p <= hi for p in seen]
     assert all(inside) if sampling == "budget" else not all(inside)
@@ -137,6 +128,36 @@ def assert_fair(space, paths):
             assert set(got) <= set(o) and sum(got.values()) == n
             assert all(n // len(o) <= got[c] <= n // len(o) + 1 for c in o), (i, t, got)
 
+
+
+def tiny_supernet_and_split():
+    from conftest import tiny_vit
+    from glora.core.engine import InMemorySplit
+    from supernet.wrapper import GloraSupernet
+    torch.manual_seed(0)
+    sn = GloraSupernet(tiny_vit(num_classes=5), ranks=[2, 4])
+    g = torch.Generator().manual_seed(1)
+    train = InMemorySplit(torch.randn(24, 3, 32, 32, generator=g), torch.randint(0, 5, (24,), generator=g))
+    return sn, {n: p for n, p in sn.model.named_parameters() if p.requires_grad}, train
+
+
+def fit_recording_grads(sn, named, train, spec, out, paths):
+    """One ``fit`` step on pass k's path ``paths[k]``; returns the gradient the optimizer was handed."""
+    grads = {}
+
+    class Recorder(torch.optim.SGD):
+        def step(self, closure=None):
+            grads.update({n: p.grad.detach().clone() for n, p in named.items() if p.grad is not None})
+
+    original = st.optimizer_for
+    st.optimizer_for = lambda named_params, lr, *a, **k: Recorder(
+        [{"params": list(named_params.values()), "lr": lr, "lr_scale": 1.0}], lr=lr)
+    try:
+        st.fit(sn, named, train, spec, out, torch.device("cpu"), progress=False,
+               before_pass=lambda step, k: sn.set_subnet(paths[k]))
+    finally:
+        st.optimizer_for = original
+    return grads
 
 def test_fair_paths_give_every_option_equal_turns(vit):
     import numpy as np
@@ -158,31 +179,11 @@ def test_fair_step_averages_the_gradients_of_its_paths(tmp_path):
     """One optimizer step of ``fit`` with n passes gets the mean of the n paths' gradients on the same batch,
     computed here path by path (an independent accumulation)."""
     import numpy as np
-    from conftest import tiny_vit
-    from glora.core.engine import InMemorySplit
-    from supernet.wrapper import GloraSupernet
-    torch.manual_seed(0)
-    sn = GloraSupernet(tiny_vit(num_classes=5), ranks=[2, 4])
-    g = torch.Generator().manual_seed(1)
-    train = InMemorySplit(torch.randn(24, 3, 32, 32, generator=g), torch.randint(0, 5, (24,), generator=g))
-    named = {n: p for n, p in sn.model.named_parameters() if p.requires_grad}
+    sn, named, train = tiny_supernet_and_split()
     paths = sn.space.fair_paths(np.random.default_rng(7))
-    grads = {}
-
-    class Recorder(torch.optim.SGD):
-        def step(self, closure=None):
-            grads.update({n: p.grad.detach().clone() for n, p in named.items() if p.grad is not None})
-
     spec = st.FitSpec(epochs=1, lr=0.1, weight_decay=0.0, batch_size=8, seed=2, max_steps_per_epoch=1,
                       paths_per_step=len(paths))
-    original = st.optimizer_for
-    st.optimizer_for = lambda named_params, lr, *a, **k: Recorder(
-        [{"params": list(named_params.values()), "lr": lr, "lr_scale": 1.0}], lr=lr)
-    try:
-        st.fit(sn, named, train, spec, tmp_path / "fit", torch.device("cpu"), progress=False,
-               before_pass=lambda step, k: sn.set_subnet(paths[k]))
-    finally:
-        st.optimizer_for = original
+    grads = fit_recording_grads(sn, named, train, spec, tmp_path / "fit", paths)
     x, y = next(iter(train.batches(8, shuffle=True, seed=2, epoch=0, drop_last=True)))
     want = {n: torch.zeros_like(p) for n, p in named.items()}
     on_path = set()
@@ -204,18 +205,8 @@ def test_fair_step_averages_the_gradients_of_its_paths(tmp_path):
 
 def test_fair_sampling_trains_fair_paths_and_resumes_exactly(tmp_path, data_root, monkeypatch):
     from supernet.space import SearchSpace
-    from supernet.wrapper import GloraSupernet
     ref_cfg = tiny_cfg(tmp_path / "ref", data_root, "supernet.path_sampling=fair", "supernet.probe_paths=0")
-    seen = []
-    orig_set = GloraSupernet.set_subnet
-
-    def record(self, subnet, freeze=False):
-        if self.training:
-            seen.append(subnet)
-        return orig_set(self, subnet, freeze)
-    monkeypatch.setattr(GloraSupernet, "set_subnet", record)
-    train_supernet(ref_cfg, progress=False)
-    monkeypatch.undo()
+    seen = train_recording_paths(ref_cfg, monkeypatch)
     space = build_supernet_space(ref_cfg)
     n = space.fair_width
     assert len(seen) == 2 * 5 * n  # 2 epochs of 5 steps, n paths a step
@@ -241,6 +232,22 @@ def test_fair_sampling_trains_fair_paths_and_resumes_exactly(tmp_path, data_root
     train_supernet(uni, progress=False)
     other = load_file(tmp_path / "uni" / "supernet" / "adapters.safetensors")
     assert any(not torch.equal(other[k], ref[k]) for k in ref)
+
+
+def train_recording_paths(cfg, monkeypatch):
+    """Train the supernet of cfg and return the subnets it trained, pass by pass."""
+    from supernet.wrapper import GloraSupernet
+    seen = []
+    orig_set = GloraSupernet.set_subnet
+
+    def record(self, subnet, freeze=False):
+        if self.training:
+            seen.append(subnet)
+        return orig_set(self, subnet, freeze)
+    monkeypatch.setattr(GloraSupernet, "set_subnet", record)
+    train_supernet(cfg, progress=False)
+    monkeypatch.undo()
+    return seen
 
 
 def build_supernet_space(cfg):
@@ -272,32 +279,12 @@ def test_distill_step_gradient_matches_teacher_then_students(tmp_path):
     """With ``distill`` one ``fit`` step gets (CE of the teacher path on the labels + the students' soft
     cross-entropy against the teacher's softmax) / n, computed here pass by pass with an explicit log-softmax."""
     import numpy as np
-    from conftest import tiny_vit
-    from glora.core.engine import InMemorySplit
-    from supernet.wrapper import GloraSupernet
-    torch.manual_seed(0)
-    sn = GloraSupernet(tiny_vit(num_classes=5), ranks=[2, 4])
-    g = torch.Generator().manual_seed(1)
-    train = InMemorySplit(torch.randn(24, 3, 32, 32, generator=g), torch.randint(0, 5, (24,), generator=g))
-    named = {n: p for n, p in sn.model.named_parameters() if p.requires_grad}
+    sn, named, train = tiny_supernet_and_split()
     rng = np.random.default_rng(3)
     paths = [sn.space.largest(), sn.space.random(rng), sn.space.random(rng)]
-    grads = {}
-
-    class Recorder(torch.optim.SGD):
-        def step(self, closure=None):
-            grads.update({n: p.grad.detach().clone() for n, p in named.items() if p.grad is not None})
-
     spec = st.FitSpec(epochs=1, lr=0.1, weight_decay=0.0, batch_size=8, seed=2, max_steps_per_epoch=1,
                       paths_per_step=len(paths), distill=True)
-    original = st.optimizer_for
-    st.optimizer_for = lambda named_params, lr, *a, **k: Recorder(
-        [{"params": list(named_params.values()), "lr": lr, "lr_scale": 1.0}], lr=lr)
-    try:
-        st.fit(sn, named, train, spec, tmp_path / "fit", torch.device("cpu"), progress=False,
-               before_pass=lambda step, k: sn.set_subnet(paths[k]))
-    finally:
-        st.optimizer_for = original
+    grads = fit_recording_grads(sn, named, train, spec, tmp_path / "fit", paths)
     x, y = next(iter(train.batches(8, shuffle=True, seed=2, epoch=0, drop_last=True)))
     sn.train()
     sn.set_subnet(paths[0])
@@ -318,13 +305,7 @@ def test_distill_step_gradient_matches_teacher_then_students(tmp_path):
     for n, w in want.items():
         torch.testing.assert_close(grads[n], w, rtol=1e-5, atol=1e-7, msg=n)
     # the students learnt the teacher, not the labels: the same passes on the labels give another gradient
-    st.optimizer_for = lambda named_params, lr, *a, **k: Recorder(
-        [{"params": list(named_params.values()), "lr": lr, "lr_scale": 1.0}], lr=lr)
-    try:
-        st.fit(sn, named, train, replace(spec, distill=False), tmp_path / "plain", torch.device("cpu"),
-               progress=False, before_pass=lambda step, k: sn.set_subnet(paths[k]))
-    finally:
-        st.optimizer_for = original
+    grads = fit_recording_grads(sn, named, train, replace(spec, distill=False), tmp_path / "plain", paths)
     assert any(not torch.allclose(grads[n], want[n], rtol=1e-3, atol=1e-6) for n in want)
     with pytest.raises(ValueError, match="distill needs"):
         st.fit(sn, named, train, replace(spec, paths_per_step=1), tmp_path / "one", torch.device("cpu"),
@@ -333,23 +314,13 @@ def test_distill_step_gradient_matches_teacher_then_students(tmp_path):
 
 def test_sandwich_trains_largest_then_budget_paths_and_resumes_exactly(tmp_path, data_root, monkeypatch):
     from search.operators import sample_in_budget
-    from supernet.wrapper import GloraSupernet
     lo, hi = 4_000, 11_000
     opts = ["supernet.path_sampling=sandwich", "supernet.sandwich_paths=2", "supernet.probe_paths=0",
             f"search.min_params_m={lo / 1e6}", f"search.max_params_m={hi / 1e6}"]
     ref_cfg = tiny_cfg(tmp_path / "ref", data_root, *opts)
     space = build_supernet_space(ref_cfg)
     assert space.params(space.largest()) > hi  # the teacher lies above the band, as in the benchmark
-    seen = []
-    orig_set = GloraSupernet.set_subnet
-
-    def record(self, subnet, freeze=False):
-        if self.training:
-            seen.append(subnet)
-        return orig_set(self, subnet, freeze)
-    monkeypatch.setattr(GloraSupernet, "set_subnet", record)
-    train_supernet(ref_cfg, progress=False)
-    monkeypatch.undo()
+    seen = train_recording_paths(ref_cfg, monkeypatch)
     assert len(seen) == 2 * 5 * 3  # 2 epochs of 5 steps, 3 passes a step
     students = [p for i, p in enumerate(seen) if i % 3]
     assert all(p == space.largest() for p in seen[::3])
