@@ -67,7 +67,7 @@ def test_rerun_skips_finished_stages(tiny_run, data_root, capsys):
     assert (tiny_run / "retrain" / "metrics.json").stat().st_mtime_ns == before
 
 
-def test_retrain_hand_edited_subnet(tiny_run, data_root, tmp_path):
+def test_retrain_hand_edited_subnet(tiny_run, data_root, tmp_path, capsys):
     data = yaml.safe_load((tiny_run / "search" / "subnet.yaml").read_text())
     data["layers"][0].update({"A": "LoRA_4", "B": "constant", "C": "lora_2", "D": "vector", "E": "none"})
     data["layers"][1].update({"A": "none", "B": "none", "C": "none", "D": "none", "E": "none"})
@@ -75,6 +75,7 @@ def test_retrain_hand_edited_subnet(tiny_run, data_root, tmp_path):
     edited.write_text(yaml.safe_dump(data))
     args = tiny_args(tiny_run, data_root, "retrain.dir=retrain-edited", "retrain.baselines=[]")
     assert run_search.main(args + ["--stage", "retrain", "--subnet", str(edited)]) == 0
+    assert "retrain-edited/, summary.json}" in capsys.readouterr().out  # the summary names the folder written
     metrics = json.loads((tiny_run / "retrain-edited" / "metrics.json").read_text())
     subnet = Subnet.from_yaml(edited)
     assert subnet.layers[0].A == "lora_4" and subnet.layers[0].B == "scalar"
