@@ -158,6 +158,12 @@ class Subnet:
         return cls.from_dict(data, source=str(path))
 
 
+def _option_costs(spec, options) -> list[list[int]]:
+    """Per tensor (A..E), the adapter elements each of its ``options`` adds to a layer of shape ``spec``."""
+    return [[layer_params(LayerChoice(**{t: c}), spec.in_features, spec.out_features) for c in o]
+            for t, o in zip(TENSORS, options)]
+
+
 class SearchSpace:
     """The choices each tensor of each layer may take, and the subnets they make.
 
@@ -224,8 +230,7 @@ class SearchSpace:
         """Smallest and largest adapter parameter count of any subnet in the space."""
         lo = hi = 0
         for s, opts in zip(self.specs, self.options):
-            per = [[layer_params(LayerChoice(**{t: c}), s.in_features, s.out_features) for c in o]
-                   for t, o in zip(TENSORS, opts)]
+            per = _option_costs(s, opts)
             lo += sum(min(p) for p in per)
             hi += sum(max(p) for p in per)
         return lo, hi
@@ -269,9 +274,9 @@ class SearchSpace:
         (the first listed among equals)."""
         layers = []
         for s, opts in zip(self.specs, self.options):
-            layers.append(LayerChoice(*(max(o, key=lambda c, t=t: (layer_params(LayerChoice(**{t: c}), s.in_features,
-                                                                               s.out_features), -o.index(c)))
-                                        for t, o in zip(TENSORS, opts))))
+            # the most elements, the earliest option among equals
+            layers.append(LayerChoice(*(o[max(range(len(o)), key=lambda i, p=p: (p[i], -i))]
+                                        for o, p in zip(opts, _option_costs(s, opts)))))
         return Subnet(self.names, tuple(layers))
 
     def uniform(self, choice: LayerChoice) -> Subnet:
