@@ -56,24 +56,32 @@ BASELINE_ORDER = ("lora", "head")
 
 
 def comparison_rows(summary: dict) -> list[dict]:
-    """GLoRA and each baseline of a finished run: method, adapter params, lr, val200 top-1 of that lr, test top-1
-    and seconds (GLoRA: supernet + search + retrain; a baseline: its lr choice + training)."""
+    """GLoRA and each baseline of a finished run: method, adapter params, lr, epochs, val200 top-1 of the chosen
+    setting, test top-1 and seconds (GLoRA: supernet + search + retrain; a baseline: its lr choice + training)."""
     r = summary.get("retrain")
     if not r:
         return []
     glora_time = sum(float(summary.get(s, {}).get("time_s", 0.0)) for s in ("supernet", "search"))
     glora_time += float(r.get("select_time_s", 0.0)) + float(r.get("train_time_s", 0.0))
     rows = [{"method": "GLoRA (searched)", "adapter_params": r["adapter_params"], "lr": r.get("lr"),
-             "val_acc": (r.get("val_acc_by_lr") or {}).get(repr(r.get("lr"))), "test_acc": r["test_acc"],
+             "epochs": r.get("epochs"), "val_acc": _chosen_val(r), "test_acc": r["test_acc"],
              "time_s": round(glora_time, 1)}]
     baselines = r.get("baselines") or {}
     # LoRA before the head alone, whatever order the file kept (summary.json is written with sorted keys)
     for key in sorted(baselines, key=lambda k: (BASELINE_ORDER.index(k) if k in BASELINE_ORDER else 99, k)):
         b = baselines[key]
         rows.append({"method": b.get("label", key), "adapter_params": b["adapter_params"], "lr": b.get("lr"),
-                     "val_acc": (b.get("val_acc_by_lr") or {}).get(repr(b.get("lr"))), "test_acc": b["test_acc"],
+                     "epochs": b.get("epochs"), "val_acc": _chosen_val(b), "test_acc": b["test_acc"],
                      "time_s": round(float(b.get("select_time_s", 0.0)) + float(b.get("train_time_s", 0.0)), 1)})
     return rows
+
+
+def _chosen_val(info: dict) -> float | None:
+    """The val200 top-1 of the setting a method was trained with (records from before ``val_acc`` was kept: the
+    lr's entry of ``val_acc_by_lr``)."""
+    if "val_acc" in info:
+        return info["val_acc"]
+    return (info.get("val_acc_by_lr") or {}).get(repr(info.get("lr")))
 
 
 def print_summary(cfg: Config, summary: dict) -> None:
@@ -90,18 +98,22 @@ def print_summary(cfg: Config, summary: dict) -> None:
     if r:
         rows = comparison_rows(summary)
         lines.append("")
-        lines.append(f"  {'method':<18} {'adapter params':>14} {'lr':>8} {'val200':>7} {'test top-1':>10} {'time':>9}")
+        ep_col = bool(cfg.retrain.epochs_grid)  # the epochs column only when they were chosen too
+        lines.append(f"  {'method':<18} {'adapter params':>14} {'lr':>8} " + (f"{'epochs':>6} " if ep_col else "")
+                     + f"{'val200':>7} {'test top-1':>10} {'time':>9}")
         for row in rows:
             lr = f"{row['lr']:.0e}" if row["lr"] is not None else "-"
+            ep = (f"{row['epochs'] if row['epochs'] is not None else '-':>6} " if ep_col else "")
             val = f"{row['val_acc']:.4f}" if row["val_acc"] is not None else "-"
-            lines.append(f"  {row['method']:<18} {row['adapter_params']:>14,} {lr:>8} {val:>7} "
+            lines.append(f"  {row['method']:<18} {row['adapter_params']:>14,} {lr:>8} {ep}{val:>7} "
                          f"{row['test_acc']:>10.4f} {row['time_s']:>7.1f} s")
         baselines = r.get("baselines") or {}
         for name, info in [("GLoRA (searched)", r)] + [
                 (baselines[k].get("label", k), baselines[k])
                 for k in sorted(baselines, key=lambda k: (BASELINE_ORDER.index(k) if k in BASELINE_ORDER else 99, k))]:
             attempts = info.get("refits") or []
-            failed = [f"{a['lr']:.0e}" for a in attempts if a.get("diverged")]
+            failed = [f"{a['lr']:.0e}" + (f" x {a['epochs']} ep" if "epochs" in a else "")
+                      for a in attempts if a.get("diverged")]
             if failed:
                 every = any(a.get("kept") for a in attempts)
                 lines.append(f"  ! {name}: the train800val200 refit diverged at lr {', '.join(failed)} "
@@ -109,8 +121,8 @@ def print_summary(cfg: Config, summary: dict) -> None:
                                                            "its train800 loss" if every else
                                                            "the lr shown is the next by val200, which did not"))
         if len(rows) > 1:
-            lines.append("  (lr chosen on val200 after training on train800; test scored once, after training on "
-                         "train800val200; GLoRA's time includes supernet and search)")
+            lines.append(f"  ({'lr and epochs' if ep_col else 'lr'} chosen on val200 after training on train800; test "
+                         "scored once, after training on train800val200; GLoRA's time includes supernet and search)")
         lines.append(f"  + {r['head_params']:,} head params each; merged model: {r['merged_file']} "
                      f"(max |merged - unmerged| logit {r['merge_max_abs_diff']:.2e} in fp32"
                      + (f", {r['merge_max_abs_diff_fp64']:.1e} in float64)" if r.get("merge_max_abs_diff_fp64")

@@ -43,7 +43,7 @@ def _flat(d: Any, prefix: str = "") -> dict:
 # existed (model.source before text tasks, retrain.select_by before the loss choice, glora.vector_scale,
 # retrain.refit_guard); a mismatch message shows such a key by its default value
 LEFT_OUT_AT_DEFAULT = {"model.source": "timm", "retrain.select_by": "top1", "glora.vector_scale": 1.0,
-                       "retrain.refit_guard": 2.0}
+                       "retrain.refit_guard": 2.0, "retrain.epochs_grid": []}
 
 
 def _keys(cfg: Config, prefixes: Iterable[str], leave_out: Iterable[str] = ()) -> dict:

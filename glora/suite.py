@@ -77,13 +77,19 @@ def task_row(task: str, summary: dict, seed: int | None = None) -> dict:
     row = {"task": task, **({} if seed is None else {"seed": seed}),
            "group": next((g for g, ts in VTAB_GROUPS.items() if task in ts), ""),
            "glora_test": r.get("test_acc"), "glora_params": r.get("adapter_params"), "glora_lr": r.get("lr")}
+    chose_epochs = bool(r.get("epochs_grid"))  # retrain.epochs_grid: the epochs chosen, beside the lr
+    if chose_epochs:
+        row["glora_epochs"] = r.get("epochs")
     for key, b in (r.get("baselines") or {}).items():
         row[f"{key}_test"] = b.get("test_acc")
         row[f"{key}_params"] = b.get("adapter_params")
         row[f"{key}_lr"] = b.get("lr")
+        if chose_epochs:
+            row[f"{key}_epochs"] = b.get("epochs")
         if key == "lora":
             row["lora_rank"] = b.get("rank")
-    diverged = [f"{key}@{a['lr']:.0e}" + ("(kept: every lr diverged)" if a.get("kept") else "")
+    diverged = [f"{key}@{a['lr']:.0e}" + (f"x{a['epochs']}ep" if "epochs" in a else "")
+                + ("(kept: every lr diverged)" if a.get("kept") else "")
                 for key, info in [("glora", r)] + sorted((r.get("baselines") or {}).items())
                 for a in info.get("refits") or [] if a.get("diverged")]
     if diverged:  # refits that retrain.refit_guard caught: the method kept the next lr of its grid

@@ -213,12 +213,13 @@ def test_two_processes_retrain_to_the_same_model(search_on_one):
 
 
 def test_two_processes_choose_the_same_lrs_with_baselines(one_and_two, small_root):
-    """retrain.lr_grid with the LoRA and head-only baselines, on the supernet and search of one process: two
-    processes choose the same lr per method (val200 counts summed over ranks) and score the same test top-1.
+    """retrain.lr_grid by retrain.epochs_grid with the LoRA and head-only baselines, on the supernet and search of
+    one process: two processes choose the same (lr, epochs) per method (val200 counts summed over ranks) and score
+    the same test top-1.
     Head-only trains on cached features, which every rank computes for the whole split. A rerun after the
     metrics and the LoRA folder are deleted reuses every grid point's val.json on every rank."""
     one, _, _ = one_and_two
-    extra = ("retrain.lr_grid=[1e-3, 1e-2]", "retrain.baselines=[lora, head]")
+    extra = ("retrain.lr_grid=[1e-3, 1e-2]", "retrain.epochs_grid=[2, 1]", "retrain.baselines=[lora, head]")
     runs = {}
     for n in (1, 2):
         runs[n] = one.parent / f"grid-{n}"
@@ -226,15 +227,16 @@ def test_two_processes_choose_the_same_lrs_with_baselines(one_and_two, small_roo
     m1, m2 = (json.loads((runs[n] / "retrain" / "metrics.json").read_text()) for n in (1, 2))
     assert set(m1["baselines"]) == set(m2["baselines"]) == {"lora", "head"}
     for a, b in [(m1, m2)] + [(m1["baselines"][k], m2["baselines"][k]) for k in ("lora", "head")]:
-        assert set(a["val_acc_by_lr"]) == {"0.001", "0.01"}
-        assert (a["lr"], a["val_acc_by_lr"], a["test_acc"]) == (b["lr"], b["val_acc_by_lr"], b["test_acc"])
+        assert set(a["val_acc_by_lr"]) == {"0.001@2ep", "0.001@1ep", "0.01@2ep", "0.01@1ep"}
+        assert (a["lr"], a["epochs"], a["val_acc_by_lr"], a["test_acc"]) == \
+            (b["lr"], b["epochs"], b["val_acc_by_lr"], b["test_acc"])
     assert m2["head_only_test_acc"] == m1["head_only_test_acc"] == m1["baselines"]["head"]["test_acc"]
     assert json.loads((runs[2] / "summary.json").read_text())["retrain"]["world_size"] == 2
     # rerun in two processes: rank 0 reads each val.json and every rank skips that grid point
     shutil.rmtree(runs[2] / "retrain" / "lora")
     (runs[2] / "retrain" / "metrics.json").unlink()
     stamps = {p: p.stat().st_mtime_ns for p in (runs[2] / "retrain" / "select").rglob("val.json")}
-    assert len(stamps) == 6
+    assert len(stamps) == 12
     r = torchrun("run_search.py", *run_args(runs[2], small_root, *extra), "--stage", "retrain")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps

@@ -201,6 +201,60 @@ def test_lr_chosen_on_val200_for_glora_and_each_baseline(tmp_path, data_root, ti
     assert json.loads((out / "retrain" / "metrics.json").read_text())["test_acc"] == json.loads(before)["test_acc"]
 
 
+def test_epochs_grid_is_chosen_on_val200_beside_the_lr(tmp_path, data_root, tiny_run, capsys, monkeypatch):
+    """retrain.epochs_grid: every method trains on train800 at each (lr, epochs) pair, each for its own number of
+    epochs, and the pair with the best val200 score is retrained on train800val200 for that many epochs. The val200
+    scores are rigged so that the winner is neither the first point nor the tie-break's (lr 3e-2, 1 epoch)."""
+    import glora.stages.retrain as rt
+    real_fit, real_eval = rt.fit, rt.evaluate_with_loss
+    last = {}
+
+    def recording_fit(model, named, train, spec, out_dir, *a, **kw):
+        last.update(lr=spec.lr, epochs=spec.epochs)
+        return real_fit(model, named, train, spec, out_dir, *a, **kw)
+
+    def rigged_eval(*a, **kw):
+        acc, loss = real_eval(*a, **kw)
+        best = last["lr"] == 3e-2 and last["epochs"] == 1
+        return (0.9 if best else 0.1), loss
+
+    monkeypatch.setattr(rt, "fit", recording_fit)
+    monkeypatch.setattr(rt, "evaluate_with_loss", rigged_eval)
+    out = tmp_path / "epochs"
+    copy_searched(tiny_run, out)
+    args = tiny_args(out, data_root, "retrain.lr_grid=[1e-4, 3e-2]", "retrain.epochs_grid=[2, 1]",
+                     "retrain.baselines=[lora, head]")
+    assert load_config("tiny", []).retrain.epochs == 2  # so 2 epochs keep the folder names of a run without the grid
+    assert run_search.main(args + ["--stage", "retrain"]) == 0
+    printed = capsys.readouterr().out
+    m = json.loads((out / "retrain" / "metrics.json").read_text())
+    assert m["epochs_grid"] == [2, 1]
+    for key, info in [("glora", m)] + [(k, m["baselines"][k]) for k in ("lora", "head")]:
+        assert set(info["val_acc_by_lr"]) == {"0.0001@2ep", "0.0001@1ep", "0.03@2ep", "0.03@1ep"}
+        assert (info["lr"], info["epochs"], info["val_acc"]) == (3e-2, 1, 0.9)
+        for lr, ep, folder in [(1e-4, 2, "lr0.0001"), (1e-4, 1, "lr0.0001_e1"), (3e-2, 2, "lr0.03"),
+                               (3e-2, 1, "lr0.03_e1")]:
+            d = out / "retrain" / "select" / f"{key}_{folder}"
+            rec = json.loads((d / "val.json").read_text())
+            assert (rec["lr"], rec["epochs"], rec["fingerprint"]["epochs"]) == (lr, ep, ep)
+            assert [r["epoch"] for r in read_log(d)] == list(range(1, ep + 1))  # trained for its own epochs
+        refit = out / "retrain" / {"glora": ".", "lora": "lora", "head": "head_only"}[key]
+        assert [r["epoch"] for r in read_log(refit)] == [1]  # the chosen point's epochs, not retrain.epochs
+        assert info["refits"] == [dict(info["refits"][0], lr=3e-2, epochs=1, diverged=False)]
+    assert "lr and epochs chosen on val200" in printed
+    header = next(line for line in printed.splitlines() if line.strip().startswith("method"))
+    assert header.split() == ["method", "adapter", "params", "lr", "epochs", "val200", "test", "top-1", "time"]
+    row = next(line for line in printed.splitlines() if line.strip().startswith("GLoRA (searched)"))
+    assert row.split()[3:6] == ["3e-02", "1", "0.9000"]
+    from glora.suite import task_row
+    row = task_row("dsprites_loc", json.loads((out / "summary.json").read_text()))
+    assert (row["glora_epochs"], row["lora_epochs"], row["head_epochs"]) == (1, 1, 1)
+
+
+def read_log(folder):
+    return [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines() if line.strip()]
+
+
 def test_select_by_loss_picks_the_lowest_val_loss_and_rescores_old_grid_points(tmp_path, data_root, tiny_run):
     """retrain.select_by=loss: every method (and the top-k subnet) is chosen by val200 cross-entropy; a grid point
     recorded without a loss is scored again from its finished checkpoint, without training."""

@@ -133,6 +133,11 @@ case("image_size<0", "data.image_size", "data.image_size=-1")
 case("target_modules empty", "glora.target_modules", "glora.target_modules=[]")
 case("probe_paths<0", "supernet.probe_paths", "supernet.probe_paths=-1")
 case("sandwich_paths<1", "supernet.sandwich_paths", "supernet.sandwich_paths=0")
+case("epochs_grid 0", "retrain.epochs_grid: 0 is not a whole number of epochs >= 1", "retrain.epochs_grid=[2, 0]")
+case("epochs_grid fraction", "retrain.epochs_grid: 2.5 is not a whole number", "retrain.epochs_grid=[2.5]")
+case("epochs_grid text", "retrain.epochs_grid: 'ten' is not a whole number", "retrain.epochs_grid=[ten]")
+case("epochs_grid twice", "retrain.epochs_grid: 2 appears twice", "retrain.epochs_grid=[2, 1, 2.0]")
+case("epochs_grid not a list", "retrain.epochs_grid: expected list", "retrain.epochs_grid=5")
 case("sandwich_paths huge", "supernet.sandwich_paths", "supernet.sandwich_paths=1e9")
 case("path_sampling unknown", "sandwich", "supernet.path_sampling=sandwiched")
 case("device", "device", "device=gpu")
@@ -175,6 +180,7 @@ case("other supernet lr", "supernet.lr", "supernet.lr=2e-3")
 case("other model kwargs", "model.kwargs.drop_path_rate", "model.kwargs.drop_path_rate=0.1")
 case("other retrain lr", "retrain.lr", "retrain.lr=2e-3")
 case("other retrain select_by", "retrain.select_by: 'top1' -> 'loss'", "retrain.select_by=loss")
+case("other retrain epochs_grid", "retrain.epochs_grid: [] -> [1, 2]", "retrain.epochs_grid=[1, 2]")
 case("other budget", "search.max_params_m", "search.max_params_m=0.04")
 case("fewer generations", "ran 2 search generations", "search.generations=1")
 case("stage folder without record", "no settings.json",
@@ -263,7 +269,7 @@ def _other_task(data_root: Path) -> None:
 
 
 def test_bad_input_table_size():
-    assert len(BAD_INPUTS) == 93, len(BAD_INPUTS)
+    assert len(BAD_INPUTS) == 99, len(BAD_INPUTS)
 
 
 @pytest.mark.parametrize("sets,setup,argv,fragment", BAD_INPUTS)

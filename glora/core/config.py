@@ -310,6 +310,17 @@ def validate(cfg: dict) -> None:
                             f"({lr_tag(f)}: lrs are named to 3 significant digits); give distinct lrs")
         grid.append(f)
     cfg["retrain"]["lr_grid"] = grid
+    epochs_grid = []
+    for v in cfg["retrain"]["epochs_grid"]:
+        if isinstance(v, float) and math.isfinite(v) and v.is_integer():
+            v = int(v)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise UserError(f"config key retrain.epochs_grid: {v!r} is not a whole number of epochs >= 1 "
+                            f"(e.g. [5, 10])")
+        if v in epochs_grid:
+            raise UserError(f"config key retrain.epochs_grid: {v} appears twice; give distinct epoch counts")
+        epochs_grid.append(v)
+    cfg["retrain"]["epochs_grid"] = epochs_grid
     _one_of("supernet.path_sampling", cfg["supernet"]["path_sampling"], ["uniform", "budget", "fair", "sandwich"])
     _one_of("glora.parametrisation", cfg["glora"]["parametrisation"], ["paper", "scaled"])
     for key in ("a_lora_scale", "vector_scale"):

@@ -110,9 +110,10 @@ def check_merged_keys(merged_sd: dict, reference: nn.Module) -> None:
     reference.load_state_dict(merged_sd, strict=True)
 
 
-def _fit_spec(cfg: Config, desc: str, fingerprint: dict, lr: float | None = None) -> FitSpec:
+def _fit_spec(cfg: Config, desc: str, fingerprint: dict, lr: float | None = None,
+              epochs: int | None = None) -> FitSpec:
     r = cfg.retrain
-    return FitSpec(epochs=r.epochs, lr=r.lr if lr is None else lr, weight_decay=r.weight_decay,
+    return FitSpec(epochs=r.epochs if epochs is None else epochs, lr=r.lr if lr is None else lr, weight_decay=r.weight_decay,
                    warmup_epochs=r.warmup_epochs, min_lr=r.min_lr, max_steps_per_epoch=r.max_steps_per_epoch,
                    batch_size=cfg.data.batch_size, seed=cfg.seed, precision=cfg.precision, desc=desc,
                    fingerprint=fingerprint, head_lr_scale=r.head_lr_scale)
@@ -258,71 +259,116 @@ def selection_key(select_by: str, acc: float, loss: float | None) -> float:
     return -float(loss) if loss is not None and math.isfinite(loss) else -math.inf
 
 
+Point = tuple  # (lr, epochs): one setting of the retrain's grid
+
+
+def grid_points(cfg: Config, always: bool = False) -> list[Point]:
+    """The (lr, epochs) settings chosen among on val200: every ``retrain.lr_grid`` value with every
+    ``retrain.epochs_grid`` value (an empty grid stands for ``retrain.lr`` / ``retrain.epochs``); none when
+    neither grid is set, unless ``always``."""
+    r = cfg.retrain
+    if not (r.lr_grid or r.epochs_grid or always):
+        return []
+    return [(float(lr), int(ep)) for lr in (r.lr_grid or [r.lr]) for ep in (r.epochs_grid or [r.epochs])]
+
+
+def point_key(cfg: Config, point: Point) -> str:
+    """A point's key in ``metrics.json`` (``val_acc_by_lr`` and the rest): the lr (``"0.001"``), with an epochs
+    grid also the epochs (``"0.001@10ep"``)."""
+    lr, epochs = point
+    return f"{lr!r}@{epochs}ep" if cfg.retrain.epochs_grid else repr(lr)
+
+
+def point_tag(cfg: Config, point: Point) -> str:
+    """A point's folder name part: ``lr0.001``; ``lr0.001_e10`` for epochs other than ``retrain.epochs`` (so the
+    folders of a run without an epochs grid are the same points of one with it)."""
+    lr, epochs = point
+    return lr_tag(lr) + ("" if epochs == cfg.retrain.epochs else f"_e{epochs}")
+
+
+def point_label(point: Point, with_epochs: bool) -> str:
+    """``1e-03`` or, with an epochs grid, ``1e-03 x 10 ep`` (the summary, logs and warnings)."""
+    return f"{point[0]:.0e}" + (f" x {point[1]} ep" if with_epochs else "")
+
+
 def select_lr(cfg: Config, method: Method, num_classes: int, train800, val200, out: Path,
               device: torch.device, progress: bool, always: bool = False
-              ) -> tuple[float, dict[str, float], dict[str, float], dict[str, float], float]:
-    """The VTAB-1k protocol: train on train800 with each ``retrain.lr_grid`` value, score val200, keep the best
-    by ``retrain.select_by`` (top-1, or the lowest loss; the smaller lr on a tie). Each grid point is resumable
-    and its scores are kept in ``val.json``. Returns (chosen lr, {lr: val top-1}, {lr: val loss},
-    {lr: last-epoch train loss on train800}, seconds spent). ``always``: score ``retrain.lr`` on val200 even
-    without a grid."""
-    grid = [float(v) for v in cfg.retrain.lr_grid] or ([float(cfg.retrain.lr)] if always else [])
+              ) -> tuple[Point, dict[str, float], dict[str, float], dict[str, float], float]:
+    """The VTAB-1k protocol: train on train800 at each point of the grid (``grid_points``: ``retrain.lr_grid``
+    by ``retrain.epochs_grid``), score val200, keep the best by ``retrain.select_by`` (top-1, or the lowest loss;
+    on a tie the smaller lr, then the fewer epochs). Each grid point is resumable and its scores are kept in
+    ``val.json``. Returns (chosen (lr, epochs), {key: val top-1}, {key: val loss}, {key: last-epoch train loss
+    on train800}, seconds spent), keyed by ``point_key``. ``always``: score ``retrain.lr`` at ``retrain.epochs``
+    on val200 even without a grid."""
+    grid = grid_points(cfg, always)
     if not grid:
-        return float(cfg.retrain.lr), {}, {}, {}, 0.0
+        return (float(cfg.retrain.lr), int(cfg.retrain.epochs)), {}, {}, {}, 0.0
     select_by = cfg.retrain.select_by
     t0 = time.time()
     scores: dict[str, float] = {}
     losses: dict[str, float] = {}
     train_losses: dict[str, float] = {}
     feats: dict = {}
-    for lr in grid:
-        d = out / "select" / f"{method.key}_{lr_tag(lr)}"
+    for point in grid:
+        lr, epochs = point
+        key = point_key(cfg, point)
+        d = out / "select" / f"{method.key}_{point_tag(cfg, point)}"
         done = d / "val.json"
         fp = dict(method.fingerprint(cfg), split="train800", lr=lr)  # select_by is not in it: the training is the same
+        if cfg.retrain.epochs_grid:  # only then: older records (one epochs) keep their fingerprint
+            fp["epochs"] = epochs
         stored = dist.on_main(lambda: _stored_val(done, fp, select_by))  # rank 0's reading decides for every rank
         if stored is not None:
-            scores[repr(lr)] = stored[0]
+            scores[key] = stored[0]
             if stored[1] is not None:
-                losses[repr(lr)] = stored[1]
+                losses[key] = stored[1]
             tl = dist.on_main(lambda: _stored_train_loss(done, d / LOG))
             if tl is not None:
-                train_losses[repr(lr)] = tl
+                train_losses[key] = tl
             continue
         model = method.build(cfg, num_classes, device)
         net, (tr, va) = trainable_view(cfg, method, model, [train800, val200], device, feats)
         named = {n: p for n, p in model.named_parameters() if p.requires_grad}
         net = accel.maybe_compile(net, cfg.retrain.compile)
-        log = fit(net, named, tr, _fit_spec(cfg, f"{method.key} {lr_tag(lr)} (train800)", fp, lr=lr), d,
+        log = fit(net, named, tr, _fit_spec(cfg, f"{method.key} {point_tag(cfg, point)} (train800)", fp, lr=lr,
+                                            epochs=epochs), d,
                   device, progress=progress, head_names=head_names(model))
         acc, loss = evaluate_with_loss(net, va.batches(cfg.data.eval_batch_size), device, cfg.precision)
-        _logger.info("%s: lr %.3g -> val200 top-1 %.4f, loss %.4f", method.label, lr, acc, loss)
+        _logger.info("%s: lr %.3g, %d epochs -> val200 top-1 %.4f, loss %.4f", method.label, lr, epochs, acc, loss)
         loss = loss if math.isfinite(loss) else None  # JSON has no NaN; a diverged point ranks last
         tl = dist.agree(_last_loss(log))  # rank 0's reading: the refit fallbacks depend on it
         if dist.is_main():
-            atomic_write_json(done, {"val_acc": acc, "val_loss": loss, "train_loss": tl, "lr": lr, "fingerprint": fp})
-        scores[repr(lr)] = acc
+            atomic_write_json(done, {"val_acc": acc, "val_loss": loss, "train_loss": tl, "lr": lr, "epochs": epochs,
+                                     "fingerprint": fp})
+        scores[key] = acc
         if loss is not None:
-            losses[repr(lr)] = loss
+            losses[key] = loss
         if tl is not None:
-            train_losses[repr(lr)] = tl
-    best = max(grid, key=lambda v: (selection_key(select_by, scores[repr(v)], losses.get(repr(v))), -v))
+            train_losses[key] = tl
+    best = max(grid, key=lambda p: point_rank(cfg, p, scores, losses))
     return best, scores, losses, train_losses, time.time() - t0
+
+
+def point_rank(cfg: Config, point: Point, scores: dict, losses: dict) -> tuple:
+    """Larger is better: the val200 selection key, then the smaller lr, then the fewer epochs."""
+    key = point_key(cfg, point)
+    return selection_key(cfg.retrain.select_by, scores[key], losses.get(key)), -point[0], -point[1]
 
 
 def run_method(cfg: Config, method: Method, num_classes: int, splits: dict, out: Path,
                device: torch.device, progress: bool) -> tuple[nn.Module, dict]:
-    """Choose the lr on val200 (grid runs under ``<retrain dir>/select/``), then train on train800val200 with it
-    into ``out``. When that refit diverges (``refit_diverged``: its train loss far above the same lr's on
-    train800), it is trained again at the next lr of the grid by val200, under ``out/refit/<lr>``; every attempt
-    is listed under ``refits``. The caller scores test, once."""
-    lr, scores, losses, train_losses, t_select = select_lr(cfg, method, num_classes, splits.get("train800"),
-                                                           splits.get("val200"), stage_dir(cfg, cfg.retrain.dir),
-                                                           device, progress)
-    select_by = cfg.retrain.select_by
-    # the fallbacks: the grid's other lrs by val200, less those whose train800 run did not end finite
-    order = [lr] + sorted((float(k) for k in scores if float(k) != lr and k in train_losses),
-                          key=lambda v: (selection_key(select_by, scores[repr(v)], losses.get(repr(v))), -v),
-                          reverse=True)
+    """Choose the lr (and with ``retrain.epochs_grid`` the epochs) on val200 (grid runs under
+    ``<retrain dir>/select/``), then train on train800val200 with it into ``out``. When that refit diverges
+    (``refit_diverged``: its train loss far above the same point's on train800), it is trained again at the next
+    point of the grid by val200, under ``out/refit/<point>``; every attempt is listed under ``refits``. The caller
+    scores test, once."""
+    chosen, scores, losses, train_losses, t_select = select_lr(cfg, method, num_classes, splits.get("train800"),
+                                                               splits.get("val200"), stage_dir(cfg, cfg.retrain.dir),
+                                                               device, progress)
+    with_epochs = bool(cfg.retrain.epochs_grid)
+    # the fallbacks: the grid's other points by val200, less those whose train800 run did not end finite
+    order = [chosen] + sorted((p for p in grid_points(cfg) if p != chosen and point_key(cfg, p) in train_losses),
+                              key=lambda p: point_rank(cfg, p, scores, losses), reverse=True)
     t0 = time.time()
     refits: list[dict] = []
     feats: dict = {}  # head-only: the frozen backbone's features, computed once for every attempt
@@ -332,29 +378,31 @@ def run_method(cfg: Config, method: Method, num_classes: int, splits: dict, out:
         model = method.build(cfg, num_classes, device)
         net, (train,) = trainable_view(cfg, method, model, [splits["train800val200"]], device, feats)
         named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        fp = dict(method.fingerprint(cfg), lr=order[i])
+        lr, epochs = order[i]
+        fp = dict(method.fingerprint(cfg), lr=lr)  # the epochs are in the checkpoint's fingerprint (the fit spec)
         if not method.key.startswith("glora"):
             fp["split"] = "train800val200"
         log = fit(accel.maybe_compile(net, cfg.retrain.compile), named, train,
-                  _fit_spec(cfg, f"{method.key} (train800val200)", fp, lr=order[i]),
-                  out if i == 0 else out / "refit" / lr_tag(order[i]),
+                  _fit_spec(cfg, f"{method.key} (train800val200)", fp, lr=lr, epochs=epochs),
+                  out if i == 0 else out / "refit" / point_tag(cfg, order[i]),
                   device, progress=progress, head_names=head_names(model))
         return model, log
 
-    for i, lr in enumerate(order):
+    for i, point in enumerate(order):
         model, log = attempt(i)
-        loss, select_loss = _last_loss(log), train_losses.get(repr(lr))
+        loss, select_loss = _last_loss(log), train_losses.get(point_key(cfg, point))
         # rank 0's verdict for every rank: the others must not take a different branch (another fit, or test)
         diverged = dist.agree(refit_diverged(loss, select_loss, guard))
-        refits.append({"lr": lr, "train_loss": loss, "train800_loss": select_loss, "diverged": diverged})
+        refits.append({"lr": point[0], **({"epochs": point[1]} if with_epochs else {}), "train_loss": loss,
+                       "train800_loss": select_loss, "diverged": diverged})
         if not diverged:
             break
-        _logger.warning("%s: the train800val200 refit at lr %.3g ended at train loss %s against %s on train800 at "
-                        "the same lr (retrain.refit_guard %g): diverged; %s", method.label, lr,
-                        "nan" if loss is None else f"{loss:.4f}",
+        _logger.warning("%s: the train800val200 refit at lr %s ended at train loss %s against %s on train800 at "
+                        "the same setting (retrain.refit_guard %g): diverged; %s", method.label,
+                        point_label(point, with_epochs), "nan" if loss is None else f"{loss:.4f}",
                         "nan" if select_loss is None else f"{select_loss:.4f}", guard,
-                        f"training again at lr {order[i + 1]:.3g}, the next by val200" if i + 1 < len(order) else
-                        "no lr of the grid is left")
+                        f"training again at lr {point_label(order[i + 1], with_epochs)}, the next by val200"
+                        if i + 1 < len(order) else "no point of the grid is left")
         if i + 1 < len(order):
             del model  # before the next attempt builds its own
     else:
@@ -363,14 +411,14 @@ def run_method(cfg: Config, method: Method, num_classes: int, splits: dict, out:
         def ratio(a):
             return (a["train_loss"] if a["train_loss"] is not None else math.inf) / max(a["train800_loss"] or 0, 1e-8)
         best = min(range(len(refits)), key=lambda i: (ratio(refits[i]), i))
-        lr = order[best]
-        _logger.warning("%s: every refit diverged; keeping lr %.3g (the closest to its train800 loss)",
-                        method.label, lr)
+        point = order[best]
+        _logger.warning("%s: every refit diverged; keeping lr %s (the closest to its train800 loss)",
+                        method.label, point_label(point, with_epochs))
         if best != len(refits) - 1:
             del model
             model, _ = attempt(best)
         refits[best]["kept"] = True
-    info = {"lr": lr, "val_acc_by_lr": scores, "val_loss_by_lr": losses, "train800_loss_by_lr": train_losses,
+    info = {"lr": point[0], "epochs": point[1], "val_acc": scores.get(point_key(cfg, point)), "val_acc_by_lr": scores, "val_loss_by_lr": losses, "train800_loss_by_lr": train_losses,
             "refits": refits, "select_time_s": round(t_select, 1),
             "train_time_s": round(time.time() - t0, 1),
             "adapter_params": sum(p.numel() for p in adapter_parameters(model)),
@@ -394,7 +442,7 @@ def run_retrain(cfg: Config, progress: bool = True) -> dict:
 
     splits = {"train800val200": load_split(cfg, model_for_data(cfg, num_classes), "train800val200", progress=progress,
                                            device=device)}
-    if cfg.retrain.lr_grid or len(candidates) > 1:
+    if grid_points(cfg) or len(candidates) > 1:
         ref = model_for_data(cfg, num_classes)
         splits["train800"] = load_split(cfg, ref, "train800", progress=progress, device=device)
         splits["val200"] = load_split(cfg, ref, "val200", progress=progress, device=device)
@@ -405,10 +453,12 @@ def run_retrain(cfg: Config, progress: bool = True) -> dict:
     if len(candidates) > 1:  # the architecture is chosen on val200 too, among the search's top-k
         for i, c in enumerate(candidates):
             m = Method(f"glora_top{i + 1}", "GLoRA (searched)", c, cfg.retrain.init)
-            lr, scores, losses, _, t_sel = select_lr(cfg, m, num_classes, splits["train800"], splits["val200"], out,
-                                                  device, progress, always=True)
-            cand_info.append({"rank": i + 1, "params": space.params(c), "lr": lr, "val_acc": scores[repr(lr)],
-                              "val_loss": losses.get(repr(lr)), "select_time_s": round(t_sel, 1), "method": m})
+            point, scores, losses, _, t_sel = select_lr(cfg, m, num_classes, splits["train800"], splits["val200"],
+                                                     out, device, progress, always=True)
+            key = point_key(cfg, point)
+            cand_info.append({"rank": i + 1, "params": space.params(c), "lr": point[0], "epochs": point[1],
+                              "val_acc": scores[key], "val_loss": losses.get(key), "select_time_s": round(t_sel, 1),
+                              "method": m})
         best = max(cand_info, key=lambda d: (selection_key(cfg.retrain.select_by, d["val_acc"], d["val_loss"]),
                                              -d["rank"]))
         glora, subnet = best["method"], best["method"].subnet
@@ -484,15 +534,16 @@ def run_retrain(cfg: Config, progress: bool = True) -> dict:
         if m.key == "lora":
             binfo["rank"] = lora_rank_used
         baselines[m.key] = binfo
-        _logger.info("baseline %s: test top-1 %.4f with %d adapter params (lr %.3g)", m.label, binfo["test_acc"],
-                     binfo["adapter_params"], binfo["lr"])
+        _logger.info("baseline %s: test top-1 %.4f with %d adapter params (lr %.3g, %d epochs)", m.label,
+                     binfo["test_acc"], binfo["adapter_params"], binfo["lr"], binfo["epochs"])
         del bmodel
 
     metrics = {"test_acc": test_acc, "num_classes": num_classes,
                "adapter_params": adapter_params, "head_params": info["head_params"], "merge_max_abs_diff": diff,
                "merge_max_abs_diff_fp64": diff64,
-               "subnet": str(spath), "init": cfg.retrain.init, "lr": info["lr"],
-               "select_by": cfg.retrain.select_by,
+               "subnet": str(spath), "init": cfg.retrain.init, "lr": info["lr"], "epochs": info["epochs"],
+               "val_acc": info["val_acc"],
+               "select_by": cfg.retrain.select_by, "epochs_grid": list(cfg.retrain.epochs_grid),
                "val_acc_by_lr": info["val_acc_by_lr"], "val_loss_by_lr": info["val_loss_by_lr"],
                "train800_loss_by_lr": info["train800_loss_by_lr"], "refits": info["refits"],
                "select_time_s": info["select_time_s"],
