@@ -249,6 +249,20 @@ def test_epochs_grid_is_chosen_on_val200_beside_the_lr(tmp_path, data_root, tiny
     from glora.suite import task_row
     row = task_row("dsprites_loc", json.loads((out / "summary.json").read_text()))
     assert (row["glora_epochs"], row["lora_epochs"], row["head_epochs"]) == (1, 1, 1)
+    # a point at retrain.epochs trained without the grid (another retrain.dir), put in place of the grid's: its
+    # finished checkpoint reloads without training and val200 is scored again
+    plain = tiny_args(out, data_root, "retrain.lr_grid=[1e-4, 3e-2]", "retrain.baselines=[lora]",
+                      "retrain.dir=plain")
+    assert run_search.main(plain + ["--stage", "retrain"]) == 0
+    grid = out / "retrain" / "select" / "lora_lr0.0001"
+    shutil.rmtree(grid)
+    shutil.copytree(out / "plain" / "select" / "lora_lr0.0001", grid)
+    assert "epochs" not in json.loads((grid / "val.json").read_text())["fingerprint"]
+    ckpt = (grid / "checkpoint.safetensors").read_bytes()
+    (out / "retrain" / "metrics.json").unlink()
+    assert run_search.main(args + ["--stage", "retrain"]) == 0
+    assert json.loads((grid / "val.json").read_text())["fingerprint"]["epochs"] == 2
+    assert (grid / "checkpoint.safetensors").read_bytes() == ckpt
 
 
 def read_log(folder):

@@ -314,8 +314,9 @@ def select_lr(cfg: Config, method: Method, num_classes: int, train800, val200, o
         key = point_key(cfg, point)
         d = out / "select" / f"{method.key}_{point_tag(cfg, point)}"
         done = d / "val.json"
-        fp = dict(method.fingerprint(cfg), split="train800", lr=lr)  # select_by is not in it: the training is the same
-        if cfg.retrain.epochs_grid:  # only then: older records (one epochs) keep their fingerprint
+        fit_fp = dict(method.fingerprint(cfg), split="train800", lr=lr)  # select_by is not in it: the training is the same
+        fp = dict(fit_fp)  # val.json's: with an epochs grid, the epochs too (the checkpoint has them in its fit spec,
+        if cfg.retrain.epochs_grid:  # so a point trained without the grid reloads and is only scored again)
             fp["epochs"] = epochs
         stored = dist.on_main(lambda: _stored_val(done, fp, select_by))  # rank 0's reading decides for every rank
         if stored is not None:
@@ -330,7 +331,7 @@ def select_lr(cfg: Config, method: Method, num_classes: int, train800, val200, o
         net, (tr, va) = trainable_view(cfg, method, model, [train800, val200], device, feats)
         named = {n: p for n, p in model.named_parameters() if p.requires_grad}
         net = accel.maybe_compile(net, cfg.retrain.compile)
-        log = fit(net, named, tr, _fit_spec(cfg, f"{method.key} {point_tag(cfg, point)} (train800)", fp, lr=lr,
+        log = fit(net, named, tr, _fit_spec(cfg, f"{method.key} {point_tag(cfg, point)} (train800)", fit_fp, lr=lr,
                                             epochs=epochs), d,
                   device, progress=progress, head_names=head_names(model))
         acc, loss = evaluate_with_loss(net, va.batches(cfg.data.eval_batch_size), device, cfg.precision)
