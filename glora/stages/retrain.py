@@ -113,8 +113,9 @@ def check_merged_keys(merged_sd: dict, reference: nn.Module) -> None:
 def _fit_spec(cfg: Config, desc: str, fingerprint: dict, lr: float | None = None,
               epochs: int | None = None) -> FitSpec:
     r = cfg.retrain
-    return FitSpec(epochs=r.epochs if epochs is None else epochs, lr=r.lr if lr is None else lr, weight_decay=r.weight_decay,
-                   warmup_epochs=r.warmup_epochs, min_lr=r.min_lr, max_steps_per_epoch=r.max_steps_per_epoch,
+    return FitSpec(epochs=r.epochs if epochs is None else epochs, lr=r.lr if lr is None else lr,
+                   weight_decay=r.weight_decay, warmup_epochs=r.warmup_epochs, min_lr=r.min_lr,
+                   max_steps_per_epoch=r.max_steps_per_epoch,
                    batch_size=cfg.data.batch_size, seed=cfg.seed, precision=cfg.precision, desc=desc,
                    fingerprint=fingerprint, head_lr_scale=r.head_lr_scale)
 
@@ -314,7 +315,7 @@ def select_lr(cfg: Config, method: Method, num_classes: int, train800, val200, o
         key = point_key(cfg, point)
         d = out / "select" / f"{method.key}_{point_tag(cfg, point)}"
         done = d / "val.json"
-        fit_fp = dict(method.fingerprint(cfg), split="train800", lr=lr)  # select_by is not in it: the training is the same
+        fit_fp = dict(method.fingerprint(cfg), split="train800", lr=lr)  # not select_by: the training is the same
         fp = dict(fit_fp)  # val.json's: with an epochs grid, the epochs too (the checkpoint has them in its fit spec,
         if cfg.retrain.epochs_grid:  # so a point trained without the grid reloads and is only scored again)
             fp["epochs"] = epochs
@@ -419,7 +420,8 @@ def run_method(cfg: Config, method: Method, num_classes: int, splits: dict, out:
             del model
             model, _ = attempt(best)
         refits[best]["kept"] = True
-    info = {"lr": point[0], "epochs": point[1], "val_acc": scores.get(point_key(cfg, point)), "val_acc_by_lr": scores, "val_loss_by_lr": losses, "train800_loss_by_lr": train_losses,
+    info = {"lr": point[0], "epochs": point[1], "val_acc": scores.get(point_key(cfg, point)),
+            "val_acc_by_lr": scores, "val_loss_by_lr": losses, "train800_loss_by_lr": train_losses,
             "refits": refits, "select_time_s": round(t_select, 1),
             "train_time_s": round(time.time() - t0, 1),
             "adapter_params": sum(p.numel() for p in adapter_parameters(model)),
