@@ -98,7 +98,7 @@ def print_summary(cfg: Config, summary: dict) -> None:
     if r:
         rows = comparison_rows(summary)
         lines.append("")
-        ep_col = bool(cfg.retrain.epochs_grid)  # the epochs column only when they were chosen too
+        ep_col = bool(r.get("epochs_grid"))  # the epochs column only when the run chose them too
         lines.append(f"  {'method':<18} {'adapter params':>14} {'lr':>8} " + (f"{'epochs':>6} " if ep_col else "")
                      + f"{'val200':>7} {'test top-1':>10} {'time':>9}")
         for row in rows:

@@ -265,6 +265,27 @@ def test_epochs_grid_is_chosen_on_val200_beside_the_lr(tmp_path, data_root, tiny
     assert (grid / "checkpoint.safetensors").read_bytes() == ckpt
 
 
+def test_grid_points_tie_break_and_fallback_order():
+    """On equal val200 scores the smaller lr wins, then the fewer epochs; the refit fallbacks follow the same
+    order. Without an epochs grid the keys and folder names are those of the lr alone."""
+    from glora.stages.retrain import grid_points, point_key, point_rank, point_tag
+    cfg = load_config("tiny", ["retrain.lr_grid=[1e-2, 1e-3]", "retrain.epochs_grid=[2, '1']"])
+    grid = grid_points(cfg)
+    assert grid == [(1e-2, 2), (1e-2, 1), (1e-3, 2), (1e-3, 1)]
+    assert [point_tag(cfg, p) for p in grid] == ["lr0.01", "lr0.01_e1", "lr0.001", "lr0.001_e1"]
+
+    def ranked(scores):
+        keyed = {point_key(cfg, p): v for p, v in zip(grid, scores)}
+        return sorted(grid, key=lambda p: point_rank(cfg, p, keyed, {}), reverse=True)
+    assert ranked([0.5] * 4) == [(1e-3, 1), (1e-3, 2), (1e-2, 1), (1e-2, 2)]
+    assert ranked([0.5, 0.4, 0.5, 0.4]) == [(1e-3, 2), (1e-2, 2), (1e-3, 1), (1e-2, 1)]
+    assert ranked([0.9, 0.5, 0.5, 0.1])[:2] == [(1e-2, 2), (1e-3, 2)]
+    plain = load_config("tiny", ["retrain.lr_grid=[1e-2, 1e-3]"])
+    assert grid_points(plain) == [(1e-2, 2), (1e-3, 2)] and grid_points(load_config("tiny", [])) == []
+    assert [point_key(plain, p) for p in grid_points(plain)] == ["0.01", "0.001"]
+    assert [point_tag(plain, p) for p in grid_points(plain)] == ["lr0.01", "lr0.001"]
+
+
 def read_log(folder):
     return [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines() if line.strip()]
 
@@ -455,6 +476,7 @@ def test_top_k_subnets_chosen_on_val200(tmp_path, data_root, tiny_run):
     chosen = yaml.safe_load((out / "retrain" / "subnet.yaml").read_text())
     assert [[lc[t] for t in "ABCDE"] for lc in chosen["layers"]] == topk[best["rank"] - 1]["layers"]
     assert m["adapter_params"] == best["params"] == chosen["params"]
+    assert m["val_acc"] == best["val_acc"]  # no lr grid: the chosen candidate's score at retrain.lr
     assert m["baselines"]["lora"]["adapter_params"] <= m["adapter_params"] or m["baselines"]["lora"]["rank"] == 1
 
 

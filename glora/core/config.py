@@ -312,6 +312,7 @@ def validate(cfg: dict) -> None:
     cfg["retrain"]["lr_grid"] = grid
     epochs_grid = []
     for v in cfg["retrain"]["epochs_grid"]:
+        v = _number(v)  # "10" as 10, as for retrain.epochs
         if isinstance(v, float) and math.isfinite(v) and v.is_integer():
             v = int(v)
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:

@@ -492,6 +492,8 @@ def run_retrain(cfg: Config, progress: bool = True) -> dict:
     model, info = run_method(cfg, methods[0], num_classes, splits, out, device, progress)
     if cand_info:
         info["select_time_s"] = round(sum(c["select_time_s"] for c in cand_info), 1)
+        if info["val_acc"] is None:  # top-k without a grid: the candidate was scored at retrain.lr and epochs
+            info["val_acc"] = best["val_acc"]
     if dist.is_main():
         atomic_save_safetensors(out / "adapters.safetensors",
                                 {n: p for n, p in model.named_parameters() if p.requires_grad})
