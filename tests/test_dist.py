@@ -393,7 +393,10 @@ def test_errors_under_torchrun(tmp_path):
     assert r.returncode != 0
     lines = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.startswith("error: ")]
     assert len(lines) == 1 and lines[0].startswith("error: unknown config key 'supernet.nope'")
-    assert set(re.findall(r"exitcode\s*:\s*(-?\d+)", r.stderr)) == {"2"}  # torchrun's report of the ranks
+    # torchrun's report of the ranks: 2 from each that exited on its own; once one has, torchrun may stop the
+    # others with SIGTERM (-15) before they do. Never a crash (1) or any other code.
+    codes = set(re.findall(r"exitcode\s*:\s*(-?\d+)", r.stderr))
+    assert "2" in codes and codes <= {"2", "-15"}, codes
     assert not (tmp_path / "err").exists()
 
 
