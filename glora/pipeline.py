@@ -96,6 +96,7 @@ def print_summary(cfg: Config, summary: dict) -> None:
                      f"  ({out / 'search' / 'subnet.yaml'})")
     r = summary.get("retrain")
     if r:
+        from .stages.retrain import point_label
         rows = comparison_rows(summary)
         lines.append("")
         ep_col = bool(r.get("epochs_grid"))  # the epochs column only when the run chose them too
@@ -112,8 +113,7 @@ def print_summary(cfg: Config, summary: dict) -> None:
                 (baselines[k].get("label", k), baselines[k])
                 for k in sorted(baselines, key=lambda k: (BASELINE_ORDER.index(k) if k in BASELINE_ORDER else 99, k))]:
             attempts = info.get("refits") or []
-            failed = [f"{a['lr']:.0e}" + (f" x {a['epochs']} ep" if "epochs" in a else "")
-                      for a in attempts if a.get("diverged")]
+            failed = [point_label((a["lr"], a.get("epochs")), "epochs" in a) for a in attempts if a.get("diverged")]
             if failed:
                 every = any(a.get("kept") for a in attempts)
                 lines.append(f"  ! {name}: the train800val200 refit diverged at lr {', '.join(failed)} "
