@@ -275,6 +275,18 @@ def test_largest_path_takes_every_tensors_biggest_option():
     assert space.params(big) == space.param_range()[1]
 
 
+def test_largest_path_breaks_a_tie_by_the_listed_order():
+    """On a 1 -> 1 layer a D/E vector and a scalar both add one element: the option listed first wins."""
+    from supernet.space import LayerSpec, SearchSpace
+    picked = []
+    for de in (["scalar", "vector", "none"], ["vector", "scalar", "none"]):
+        space = SearchSpace([LayerSpec("t", 1, 1)], ranks=[1], choices_ab=["none"], choices_c=["none"],
+                            choices_de=de)
+        assert space.params(space.largest()) == space.param_range()[1] == 2
+        picked.append((space.largest().layers[0].D, space.largest().layers[0].E))
+    assert picked == [("scalar", "scalar"), ("vector", "vector")]
+
+
 def test_distill_step_gradient_matches_teacher_then_students(tmp_path):
     """With ``distill`` one ``fit`` step gets (CE of the teacher path on the labels + the students' soft
     cross-entropy against the teacher's softmax) / n, computed here pass by pass with an explicit log-softmax."""
