@@ -90,3 +90,49 @@ def test_config_found_by_name_and_resolved_config_written(cli, tmp_path):
 def test_load_config_raises_user_error():
     with pytest.raises(UserError, match="nearest valid: data.batch_size"):
         load_config(None, ["data.batchsize=3"])
+
+
+def test_base_config_chain_resolves_outermost_first_and_looks_beside_the_file(tmp_path):
+    (tmp_path / "parent.yaml").write_text("base: tiny\nsupernet: {lr: 0.5, epochs: 7}\n")
+    (tmp_path / "child.yaml").write_text("base: parent\nsupernet: {epochs: 3}\nsearch: {population: 5}\n")
+    cfg = load_config(str(tmp_path / "child.yaml"), ["search.population=6"])
+    assert cfg.supernet.lr == 0.5 and cfg.supernet.epochs == 3  # the parent's lr, the child's epochs
+    assert cfg.search.population == 6  # --set over every file
+    assert cfg.model.name == "vit_tiny_patch16_224"  # from configs/tiny.yaml at the root of the chain
+    assert cfg.supernet.weight_decay == load_defaults()["supernet"]["weight_decay"]
+    # a base file beside the config wins over configs/ of the same name
+    (tmp_path / "tiny.yaml").write_text("model: {name: resnet18}\n")
+    assert load_config(str(tmp_path / "child.yaml")).model.name == "resnet18"
+
+
+def test_shipped_variants_equal_their_base_with_the_listed_changes():
+    """Each accuracy variant resolves to configs/accuracy.yaml plus the changes its header describes."""
+    def plain(name, sets=()):
+        d = load_config(name, list(sets)).to_dict()
+        d.pop("output_dir")
+        return d
+    assert plain("accuracy_sandwich") == plain("accuracy", ["supernet.path_sampling=sandwich",
+                                                            "retrain.init=supernet", "retrain.epochs_grid=[5, 10]"])
+    assert plain("accuracy_112") == plain("accuracy", ["model.kwargs.img_size=112", "retrain.top_k=1"])
+    assert plain("accuracy_gpu") == plain("accuracy", [
+        "threads=0", "model.kwargs.img_size=224", "data.num_workers=8", "supernet.epochs=20",
+        "supernet.warmup_epochs=1.0", "retrain.epochs=10", "retrain.warmup_epochs=1.0"])
+    assert plain("accuracy_sandwich") != plain("accuracy")
+
+
+@pytest.mark.parametrize("files,fragment", [
+    ({"a.yaml": "base: b\n", "b.yaml": "base: a\n"}, "base configs loop back to a.yaml"),
+    ({"a.yaml": "base: a.yaml\n"}, "base configs loop back to a.yaml"),
+    ({"a.yaml": "base: no_such_base\n"}, "base config 'no_such_base' not found"),
+    ({"a.yaml": "base: 3\n"}, "base must name a config"),
+    ({"a.yaml": "base: [tiny]\n"}, "base must name a config"),
+    ({"a.yaml": "base: b\n", "b.yaml": "supernet: {epochz: 1}\n"}, "unknown config key 'supernet.epochz'"),
+])
+def test_bad_base_config_exits_2_with_one_line(cli, tmp_path, files, fragment):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    r = cli("--config", str(tmp_path / "a.yaml"), "--set", f"output_dir={tmp_path / 'o'}")
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0], r.stderr
+    assert not (tmp_path / "o").exists()

@@ -1,6 +1,9 @@
 """Configuration: ``configs/default.yaml`` names every key; a task config and ``--set`` overrides change some.
 
-Resolution order: defaults, then the task file (``--config``), then each ``--set section.key=value``. Every
+Resolution order: defaults, then the task file (``--config``), then each ``--set section.key=value``. A task
+file may start from another with ``base: NAME`` (found beside it first, then as ``--config`` finds names): the
+base is resolved first and the file changes only what it lists, so a variant of a benchmark config names only
+its differences. Every
 key must exist in the defaults and keep its type (an int is accepted where a float is expected, and a float
 that is a whole number where an int is). Numbers are read as people type them: ``1e-3``, ``1E-3``, ``.5`` and
 ``5e4`` are numbers in a file and in ``--set`` alike (plain YAML 1.1 reads ``1e-3`` as a string). Mappings whose
@@ -175,6 +178,49 @@ def find_config(name: str) -> Path:
     raise UserError(f"config {name!r} not found: give a yaml path or one of {', '.join(avail)}")
 
 
+def _read_config_file(path: Path) -> Any:
+    try:
+        return yaml_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read it as a UTF-8 text file ({e})") from None
+
+
+MAX_BASE_DEPTH = 16
+
+
+def config_chain(path: Path) -> list[tuple[Path, Any]]:
+    """The files a task config resolves through, the outermost ``base`` first, each with its contents less the
+    ``base`` key. A base is looked up beside the file naming it (``NAME``, ``NAME.yaml``), then as
+    :func:`find_config` finds a ``--config`` name; a loop, a missing base or a base that is not a name is an error."""
+    chain: list[tuple[Path, Any]] = []
+    seen: list[Path] = []
+    while True:
+        real = path.resolve()
+        if real in seen:
+            raise UserError(f"config {seen[0].name}: its base configs loop back to {path.name} "
+                            f"({' -> '.join(p.name for p in seen + [real])})")
+        if len(seen) >= MAX_BASE_DEPTH:
+            raise UserError(f"{seen[0].name}: more than {MAX_BASE_DEPTH} base configs in a chain")
+        seen.append(real)
+        data = _read_config_file(path)
+        if not isinstance(data, dict) or "base" not in data:
+            chain.append((path, data))
+            return chain[::-1]
+        data = dict(data)
+        base = data.pop("base")
+        chain.append((path, data))
+        if not isinstance(base, str) or not base.strip():
+            raise UserError(f"{path}: base must name a config (a yaml path or a name under configs/), got {base!r}")
+        beside = [path.parent / base, path.parent / f"{base}.yaml", path.parent / f"{base}.yml"]
+        found = next((c for c in beside if c.is_file()), None)
+        try:
+            path = found or find_config(base)
+        except UserError as e:
+            raise UserError(f"{path}: base {e}") from None
+
+
 def parse_set(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise UserError(f"--set {item!r}: expected section.key=value")
@@ -194,14 +240,8 @@ def load_config(name: str | None = None, overrides: Iterable[str] = ()) -> Confi
     defaults = load_defaults()
     cfg = copy.deepcopy(defaults)
     if name:
-        path = find_config(name)
-        try:
-            data = yaml_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"{path}: cannot read it as a UTF-8 text file ({e})") from None
-        merge_into(cfg, data, defaults, source=str(path))
+        for path, data in config_chain(find_config(name)):
+            merge_into(cfg, data, defaults, source=str(path))
     for item in overrides:
         parts, value = parse_set(item)
         # a key inside a free-form mapping (model.kwargs.img_size=112) sets one entry of that mapping
