@@ -105,6 +105,15 @@ def test_base_config_chain_resolves_outermost_first_and_looks_beside_the_file(tm
     assert load_config(str(tmp_path / "child.yaml")).model.name == "resnet18"
 
 
+def test_base_named_like_the_file_is_the_shipped_one_and_free_form_mappings_merge(tmp_path):
+    """A user's own ``accuracy.yaml`` with ``base: accuracy`` starts from configs/accuracy.yaml, not from
+    itself; ``model.kwargs`` gains the file's entries and keeps the base's."""
+    (tmp_path / "accuracy.yaml").write_text("base: ' accuracy '\nmodel: {kwargs: {drop_path_rate: 0.1}}\n")
+    cfg = load_config(str(tmp_path / "accuracy.yaml"))
+    assert cfg.model.kwargs == {"img_size": 56, "drop_path_rate": 0.1}
+    assert cfg.model.name == load_config("accuracy").model.name
+
+
 def test_shipped_variants_equal_their_base_with_the_listed_changes():
     """Each accuracy variant resolves to configs/accuracy.yaml plus the changes its header describes."""
     def plain(name, sets=()):
@@ -121,12 +130,17 @@ def test_shipped_variants_equal_their_base_with_the_listed_changes():
 
 
 @pytest.mark.parametrize("files,fragment", [
-    ({"a.yaml": "base: b\n", "b.yaml": "base: a\n"}, "base configs loop back to a.yaml"),
-    ({"a.yaml": "base: a.yaml\n"}, "base configs loop back to a.yaml"),
+    ({"a.yaml": "base: b\n", "b.yaml": "base: a\n"}, "base configs loop back to"),
+    ({"a.yaml": "base: b\n", "b.yaml": "base: a\n"}, "(a.yaml -> b.yaml -> a.yaml)"),
+    ({"a.yaml": "base: a.yaml\n"}, "base 'a.yaml' names this file itself"),
     ({"a.yaml": "base: no_such_base\n"}, "base config 'no_such_base' not found"),
     ({"a.yaml": "base: 3\n"}, "base must name a config"),
     ({"a.yaml": "base: [tiny]\n"}, "base must name a config"),
-    ({"a.yaml": "base: b\n", "b.yaml": "supernet: {epochz: 1}\n"}, "unknown config key 'supernet.epochz'"),
+    ({"a.yaml": "base: b\n", "b.yaml": "supernet: {epochz: 1}\n"}, "b.yaml: unknown config key 'supernet.epochz'"),
+    ({"a.yaml": "base: b\n", "b.yaml": "threads: many\n"}, "b.yaml: config key threads: expected int"),
+    ({"a.yaml": "base: b\n", "b.yaml": "- 1\n"}, "b.yaml: expected a mapping at top level"),
+    ({"a.yaml": "model: {base: tiny}\n"}, "unknown config key 'model.base'"),
+    ({f"c{i}.yaml": f"base: c{i + 1}\n" for i in range(20)} | {"a.yaml": "base: c0\n"}, "more than 16 files"),
 ])
 def test_bad_base_config_exits_2_with_one_line(cli, tmp_path, files, fragment):
     for name, text in files.items():
@@ -136,3 +150,9 @@ def test_bad_base_config_exits_2_with_one_line(cli, tmp_path, files, fragment):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and fragment in lines[0], r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_base_on_the_command_line_says_where_it_belongs(cli, tmp_path):
+    r = cli("--set", "base=tiny", "--set", f"output_dir={tmp_path / 'o'}")
+    assert r.returncode == 2 and "read only at the top level of a config file" in r.stderr
+    assert "--config NAME" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -1,9 +1,9 @@
 """Configuration: ``configs/default.yaml`` names every key; a task config and ``--set`` overrides change some.
 
 Resolution order: defaults, then the task file (``--config``), then each ``--set section.key=value``. A task
-file may start from another with ``base: NAME`` (found beside it first, then as ``--config`` finds names): the
-base is resolved first and the file changes only what it lists, so a variant of a benchmark config names only
-its differences. Every
+file may start from another with ``base: NAME`` (found beside it first, then under ``configs/``): the base is
+resolved first and the file changes only what it lists (free-form mappings gain entries), so a variant of a
+benchmark config names only its differences. Every
 key must exist in the defaults and keep its type (an int is accepted where a float is expected, and a float
 that is a whole number where an int is). Numbers are read as people type them: ``1e-3``, ``1E-3``, ``.5`` and
 ``5e4`` are numbers in a file and in ``--set`` alike (plain YAML 1.1 reads ``1e-3`` as a string). Mappings whose
@@ -139,15 +139,20 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
 
 
 def _unknown(key: str, valid: Iterable[str]) -> UserError:
+    if key == "base":
+        return UserError("config key 'base' is read only at the top level of a config file (base: NAME); "
+                         "on the command line give --config NAME")
     near = difflib.get_close_matches(key, list(valid), n=3, cutoff=0.5)
     hint = f"; nearest valid: {', '.join(near)}" if near else ""
     return UserError(f"unknown config key {key!r}{hint}")
 
 
 def merge_into(base: dict, update: dict, defaults: dict, prefix: str = "", source: str = "",
-               valid_keys: list[str] | None = None) -> None:
+               valid_keys: list[str] | None = None, merge_free: bool = False) -> None:
     """Merge ``update`` into ``base`` in place, checking keys and types against ``defaults``.
-    ``valid_keys``: every dotted key of the whole config, for the nearest-key hint of an unknown key."""
+    ``valid_keys``: every dotted key of the whole config, for the nearest-key hint of an unknown key.
+    ``merge_free``: a free-form mapping (``model.kwargs``) gains the update's entries instead of being replaced
+    (a config file over its base)."""
     valid_keys = _all_keys(defaults) if valid_keys is None else valid_keys
     if not isinstance(update, dict):
         raise UserError(f"{source or 'config'}: expected a mapping at {prefix.rstrip('.') or 'top level'}")
@@ -159,7 +164,9 @@ def merge_into(base: dict, update: dict, defaults: dict, prefix: str = "", sourc
         if isinstance(dv, dict) and dv:
             if not isinstance(v, dict):
                 raise UserError(f"config key {key}: expected a mapping of {', '.join(dv)}, got {v!r}")
-            merge_into(base[k], v, dv, key + ".", source, valid_keys)
+            merge_into(base[k], v, dv, key + ".", source, valid_keys, merge_free)
+        elif merge_free and isinstance(dv, dict) and isinstance(v, dict) and isinstance(base.get(k), dict):
+            base[k] = {**base[k], **v}
         else:
             base[k] = _coerce(key, v, dv)
 
@@ -192,17 +199,17 @@ MAX_BASE_DEPTH = 16
 
 def config_chain(path: Path) -> list[tuple[Path, Any]]:
     """The files a task config resolves through, the outermost ``base`` first, each with its contents less the
-    ``base`` key. A base is looked up beside the file naming it (``NAME``, ``NAME.yaml``), then as
-    :func:`find_config` finds a ``--config`` name; a loop, a missing base or a base that is not a name is an error."""
+    ``base`` key. A base is looked up beside the file naming it (``NAME``, ``NAME.yaml``, ``NAME.yml``; never the
+    file itself), then under ``configs/``; a loop, a missing base or a base that is not a name is an error."""
     chain: list[tuple[Path, Any]] = []
     seen: list[Path] = []
     while True:
         real = path.resolve()
         if real in seen:
-            raise UserError(f"config {seen[0].name}: its base configs loop back to {path.name} "
+            raise UserError(f"config {seen[0].name}: its base configs loop back to {path} "
                             f"({' -> '.join(p.name for p in seen + [real])})")
         if len(seen) >= MAX_BASE_DEPTH:
-            raise UserError(f"{seen[0].name}: more than {MAX_BASE_DEPTH} base configs in a chain")
+            raise UserError(f"config {seen[0].name}: more than {MAX_BASE_DEPTH} files in one chain of base configs")
         seen.append(real)
         data = _read_config_file(path)
         if not isinstance(data, dict) or "base" not in data:
@@ -213,12 +220,16 @@ def config_chain(path: Path) -> list[tuple[Path, Any]]:
         chain.append((path, data))
         if not isinstance(base, str) or not base.strip():
             raise UserError(f"{path}: base must name a config (a yaml path or a name under configs/), got {base!r}")
-        beside = [path.parent / base, path.parent / f"{base}.yaml", path.parent / f"{base}.yml"]
-        found = next((c for c in beside if c.is_file()), None)
-        try:
-            path = found or find_config(base)
-        except UserError as e:
-            raise UserError(f"{path}: base {e}") from None
+        base = base.strip()
+        candidates = [d / f"{base}{ext}" for d in (path.parent, CONFIG_DIR) for ext in ("", ".yaml", ".yml")]
+        found = next((c for c in candidates if c.is_file() and c.resolve() != real), None)
+        if found is None and any(c.is_file() and c.resolve() == real for c in candidates):
+            raise UserError(f"{path}: base {base!r} names this file itself; name another config")
+        if found is None:
+            avail = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+            raise UserError(f"{path}: base config {base!r} not found beside it or under configs/ "
+                            f"(a yaml path, or one of {', '.join(avail)})")
+        path = found
 
 
 def parse_set(item: str) -> tuple[list[str], Any]:
@@ -241,7 +252,10 @@ def load_config(name: str | None = None, overrides: Iterable[str] = ()) -> Confi
     cfg = copy.deepcopy(defaults)
     if name:
         for path, data in config_chain(find_config(name)):
-            merge_into(cfg, data, defaults, source=str(path))
+            try:
+                merge_into(cfg, data, defaults, source=str(path), merge_free=True)
+            except UserError as e:  # name the file of the chain the bad key came from
+                raise (e if str(e).startswith(str(path)) else UserError(f"{path}: {e}")) from None
     for item in overrides:
         parts, value = parse_set(item)
         # a key inside a free-form mapping (model.kwargs.img_size=112) sets one entry of that mapping
