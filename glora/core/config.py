@@ -181,8 +181,12 @@ def find_config(name: str) -> Path:
     for c in candidates:
         if c.is_file():
             return c
-    avail = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-    raise UserError(f"config {name!r} not found: give a yaml path or one of {', '.join(avail)}")
+    raise UserError(f"config {name!r} not found: give a yaml path or one of {_config_names()}")
+
+
+def _config_names() -> str:
+    """The names ``--config`` (and ``base:``) accept under configs/, for error messages."""
+    return ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
 
 
 def _read_config_file(path: Path) -> Any:
@@ -222,14 +226,13 @@ def config_chain(path: Path) -> list[tuple[Path, Any]]:
             raise UserError(f"{path}: base must name a config (a yaml path or a name under configs/), got {base!r}")
         base = base.strip()
         candidates = [d / f"{base}{ext}" for d in (path.parent, CONFIG_DIR) for ext in ("", ".yaml", ".yml")]
-        found = next((c for c in candidates if c.is_file() and c.resolve() != real), None)
-        if found is None and any(c.is_file() and c.resolve() == real for c in candidates):
-            raise UserError(f"{path}: base {base!r} names this file itself; name another config")
-        if found is None:
-            avail = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-            raise UserError(f"{path}: base config {base!r} not found beside it or under configs/ "
-                            f"(a yaml path, or one of {', '.join(avail)})")
-        path = found
+        existing = [c for c in candidates if c.is_file()]
+        others = [c for c in existing if c.resolve() != real]
+        if not others:
+            raise UserError(f"{path}: base {base!r} names this file itself; name another config" if existing else
+                            f"{path}: base config {base!r} not found beside it or under configs/ "
+                            f"(a yaml path, or one of {_config_names()})")
+        path = others[0]
 
 
 def parse_set(item: str) -> tuple[list[str], Any]:
