@@ -55,6 +55,8 @@ def test_overrides_keep_types_and_reach_free_form_mappings():
     ("glora.vector_scale=0", "glora.vector_scale: must be a positive number, got 0"),
     ("retrain.refit_guard=0.5", "retrain.refit_guard: must be 0 (off) or a finite number >= 1"),
     ("retrain.refit_guard=-1", "retrain.refit_guard: must be 0 (off) or a finite number >= 1"),
+    ("retrain.drop_path_rate=1", "retrain.drop_path_rate: must be null (the model's own) or a number in [0, 1)"),
+    ("retrain.drop_path_rate=true", "retrain.drop_path_rate: must be null (the model's own) or a number in [0, 1)"),
     ("glora.vector_scale=3", "glora.vector_scale: 3.0 has no effect with glora.parametrisation 'paper'"),
     ("search.min_params_m=5", "is above search.max_params_m"),
     ("retrain.lr_grid=[1e-3, 3e-3, 0.0010001]", "retrain.lr_grid: 0.001 and 0.0010001 name the same run folder"),
@@ -69,6 +71,17 @@ def test_config_errors_exit_2_with_one_line(cli, tmp_path, override, fragment):
     assert len(lines) == 1 and fragment in lines[0], r.stderr
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_retrain_drop_path_rate_values():
+    assert load_config("tiny", []).retrain.drop_path_rate is None
+    assert load_config("tiny", ["retrain.drop_path_rate=0"]).retrain.drop_path_rate == 0
+    assert load_config("tiny", ["retrain.drop_path_rate=0.25"]).retrain.drop_path_rate == 0.25
+    for bad in ("-0.1", "nan", "'0.1'"):
+        with pytest.raises(UserError, match=r"retrain.drop_path_rate: must be null"):
+            load_config("tiny", [f"retrain.drop_path_rate={bad}"])
+    with pytest.raises(UserError, match=r"retrain.drop_path_rate: 0.1 works on timm models only"):
+        load_config("tiny", ["model.source=hf", "retrain.drop_path_rate=0.1"])
 
 
 def test_unknown_key_in_task_file_and_missing_config(cli, tmp_path):
@@ -156,3 +169,20 @@ def test_base_on_the_command_line_says_where_it_belongs(cli, tmp_path):
     r = cli("--set", "base=tiny", "--set", f"output_dir={tmp_path / 'o'}")
     assert r.returncode == 2 and "read only at the top level of a config file" in r.stderr
     assert "--config NAME" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_keys_left_out_at_default_are_the_defaults_and_leave_the_fingerprints():
+    """A key added to the stage fingerprints later counts only away from its default, so a run folder made before
+    it existed keeps its fingerprint: the listed defaults must be the config's own."""
+    from glora.preflight import LEFT_OUT_AT_DEFAULT, stage_fingerprint
+    defaults = load_defaults()
+    for key, value in LEFT_OUT_AT_DEFAULT.items():
+        sec, name = key.split(".")
+        assert defaults[sec][name] == value, key
+    cfg = load_config("tiny", ["retrain.init=supernet"])
+    for stage in ("supernet", "search", "retrain"):
+        assert not set(LEFT_OUT_AT_DEFAULT) & set(stage_fingerprint(cfg, stage)), stage
+    assert "retrain.drop_path_rate" not in stage_fingerprint(cfg, "retrain")  # added later than the others
+    moved = load_config("tiny", ["retrain.drop_path_rate=0.1"])
+    assert stage_fingerprint(moved, "retrain")["retrain.drop_path_rate"] == 0.1
+    assert stage_fingerprint(moved, "supernet") == stage_fingerprint(cfg, "supernet")  # the retrain's own setting

@@ -265,6 +265,42 @@ def test_epochs_grid_is_chosen_on_val200_beside_the_lr(tmp_path, data_root, tiny
     assert (grid / "checkpoint.safetensors").read_bytes() == ckpt
 
 
+def test_retrain_drop_path_rate_trains_every_adapted_model_with_stochastic_depth(tmp_path, data_root, tiny_run,
+                                                                                   capsys, monkeypatch):
+    """retrain.drop_path_rate: GLoRA's model (from the supernet) and LoRA's train with timm's stochastic depth, the
+    head alone on the frozen features without it; the supernet and search folders stay valid (the setting is the
+    retrain's), another value for the same retrain folder is refused, and the merged file records the model's own
+    kwargs."""
+    import glora.stages.retrain as rt
+    from safetensors import safe_open
+    real_fit = rt.fit
+    seen = []
+
+    def recording_fit(model, named, train, spec, out_dir, *a, **kw):
+        seen.append(sorted(m.drop_prob for m in model.modules() if isinstance(m, timm.layers.DropPath)))
+        return real_fit(model, named, train, spec, out_dir, *a, **kw)
+
+    monkeypatch.setattr(rt, "fit", recording_fit)
+    out = tmp_path / "dp"
+    copy_searched(tiny_run, out)
+    args = tiny_args(out, data_root, "retrain.baselines=[lora, head]")
+    assert run_search.main(args + ["--set", "retrain.drop_path_rate=0.2", "--stage", "retrain"]) == 0
+    # depth 2: timm's rule gives the blocks 0 and 0.2; the second block's two residual branches drop at 0.2
+    dp = pytest.approx([0.2, 0.2])
+    assert seen == [dp, dp, []]  # GLoRA, LoRA, the head alone
+    m = json.loads((out / "retrain" / "metrics.json").read_text())
+    assert m["merge_max_abs_diff_fp64"] < 1e-9  # the merge check runs in eval mode: no branch is dropped
+    with safe_open(str(out / "retrain" / "model_merged.safetensors"), "pt") as f:
+        assert "drop_path_rate" not in json.loads(f.metadata()["kwargs"])
+    seen.clear()
+    capsys.readouterr()
+    assert run_search.main(args + ["--stage", "retrain"]) == 2  # the same folder without it: made otherwise
+    err = capsys.readouterr().err
+    assert "retrain.drop_path_rate: 0.2 -> None" in err and seen == []
+    assert run_search.main(args + ["--set", "retrain.dir=plain", "--stage", "retrain"]) == 0
+    assert seen == [[], [], []]
+
+
 def test_grid_points_tie_break_and_fallback_order():
     """On equal val200 scores the smaller lr wins, then the fewer epochs; the refit fallbacks follow the same
     order. Without an epochs grid the keys and folder names are those of the lr alone."""

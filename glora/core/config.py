@@ -403,6 +403,13 @@ def validate(cfg: dict) -> None:
         raise UserError(f"config key supernet.sandwich_paths: must be an integer from 1 to 64 (passes per step "
                         f"besides the largest path), got {cfg['supernet']['sandwich_paths']!r}")
     _at_least("retrain.merge_atol", r["merge_atol"], 0)
+    dp = r["drop_path_rate"]
+    if dp is not None and (isinstance(dp, bool) or not isinstance(dp, (int, float)) or not 0 <= dp < 1):
+        raise UserError(f"config key retrain.drop_path_rate: must be null (the model's own) or a number in [0, 1) "
+                        f"(the stochastic depth of the last block), got {dp!r}")
+    if dp is not None and cfg["model"].get("source", "timm") == "hf":
+        raise UserError(f"config key retrain.drop_path_rate: {dp!r} works on timm models only; for model.source hf "
+                        "leave it null and set the model's own dropout in model.kwargs")
     if not (r["refit_guard"] == 0 or r["refit_guard"] >= 1) or not math.isfinite(r["refit_guard"]):
         raise UserError(f"config key retrain.refit_guard: must be 0 (off) or a finite number >= 1 (a factor on the "
                         f"train800 loss), got {r['refit_guard']!r}")

@@ -429,7 +429,22 @@ def run_method(cfg: Config, method: Method, num_classes: int, splits: dict, out:
     return model, info
 
 
+def retrain_model_config(cfg: Config) -> Config:
+    """``cfg`` with ``retrain.drop_path_rate`` (when set) in place of the model's own: every model the retrain
+    builds (GLoRA's, from the supernet or from scratch, and each baseline's) trains with that stochastic depth, and
+    its grid points are keyed by it (the model is in their fingerprint). Stochastic depth holds no weights, so the
+    supernet's adapters load as they were saved."""
+    dp = cfg.retrain.drop_path_rate
+    if dp is None:
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    cfg.model.kwargs["drop_path_rate"] = float(dp)
+    return cfg
+
+
 def run_retrain(cfg: Config, progress: bool = True) -> dict:
+    model_kwargs = dict(cfg.model.kwargs)  # what the merged model's file records: inference has no stochastic depth
+    cfg = retrain_model_config(cfg)
     set_threads(cfg.threads)
     device = resolve_device(cfg.device)
     accel.configure(cfg, device)
@@ -513,7 +528,7 @@ def run_retrain(cfg: Config, progress: bool = True) -> dict:
         raise RuntimeError("the merged model gives non-finite logits in fp32 (an adapter or weight overflows fp32)")
     merged_sd = {k: v.detach().cpu().contiguous() for k, v in merged.state_dict().items()}
     check_merged_keys(merged_sd, reference_backbone(cfg, num_classes))
-    meta = {"model": cfg.model.name, "num_classes": str(num_classes), "kwargs": json.dumps(dict(cfg.model.kwargs)),
+    meta = {"model": cfg.model.name, "num_classes": str(num_classes), "kwargs": json.dumps(model_kwargs),
             "num_blocks": str(cfg.model.num_blocks)}
     if dist.is_main():
         atomic_save_safetensors(out / MERGED, merged_sd, metadata=meta)
