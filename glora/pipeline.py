@@ -123,6 +123,9 @@ def print_summary(cfg: Config, summary: dict) -> None:
         if len(rows) > 1:
             lines.append(f"  ({'lr and epochs' if ep_col else 'lr'} chosen on val200 after training on train800; test "
                          "scored once, after training on train800val200; GLoRA's time includes supernet and search)")
+        if r.get("drop_path_rate") is not None:
+            lines.append(f"  (retrained with stochastic depth {r['drop_path_rate']:g}: retrain.drop_path_rate; not the "
+                         "head alone, which trains on the frozen features)")
         lines.append(f"  + {r['head_params']:,} head params each; merged model: {r['merged_file']} "
                      f"(max |merged - unmerged| logit {r['merge_max_abs_diff']:.2e} in fp32"
                      + (f", {r['merge_max_abs_diff_fp64']:.1e} in float64)" if r.get("merge_max_abs_diff_fp64")

@@ -290,15 +290,17 @@ def test_retrain_drop_path_rate_trains_every_adapted_model_with_stochastic_depth
     assert seen == [dp, dp, []]  # GLoRA, LoRA, the head alone
     m = json.loads((out / "retrain" / "metrics.json").read_text())
     assert m["merge_max_abs_diff_fp64"] < 1e-9  # the merge check runs in eval mode: no branch is dropped
+    assert m["drop_path_rate"] == 0.2 and "retrained with stochastic depth 0.2" in capsys.readouterr().out
     with safe_open(str(out / "retrain" / "model_merged.safetensors"), "pt") as f:
         assert "drop_path_rate" not in json.loads(f.metadata()["kwargs"])
     seen.clear()
-    capsys.readouterr()
     assert run_search.main(args + ["--stage", "retrain"]) == 2  # the same folder without it: made otherwise
     err = capsys.readouterr().err
     assert "retrain.drop_path_rate: 0.2 -> None" in err and seen == []
     assert run_search.main(args + ["--set", "retrain.dir=plain", "--stage", "retrain"]) == 0
     assert seen == [[], [], []]
+    assert json.loads((out / "plain" / "metrics.json").read_text())["drop_path_rate"] is None
+    assert "stochastic depth" not in capsys.readouterr().out
 
 
 def test_grid_points_tie_break_and_fallback_order():

@@ -562,6 +562,7 @@ def run_retrain(cfg: Config, progress: bool = True) -> dict:
                "adapter_params": adapter_params, "head_params": info["head_params"], "merge_max_abs_diff": diff,
                "merge_max_abs_diff_fp64": diff64,
                "subnet": str(spath), "init": cfg.retrain.init, "lr": info["lr"], "epochs": info["epochs"],
+               "drop_path_rate": cfg.retrain.drop_path_rate,
                "val_acc": info["val_acc"],
                "select_by": cfg.retrain.select_by, "epochs_grid": list(cfg.retrain.epochs_grid),
                "val_acc_by_lr": info["val_acc_by_lr"], "val_loss_by_lr": info["val_loss_by_lr"],
