@@ -43,7 +43,8 @@ def _flat(d: Any, prefix: str = "") -> dict:
 # existed (model.source before text tasks, retrain.select_by before the loss choice, glora.vector_scale,
 # retrain.refit_guard, retrain.drop_path_rate); a mismatch message shows such a key by its default value
 LEFT_OUT_AT_DEFAULT = {"model.source": "timm", "retrain.select_by": "top1", "glora.vector_scale": 1.0,
-                       "retrain.refit_guard": 2.0, "retrain.epochs_grid": [], "retrain.drop_path_rate": None}
+                       "retrain.refit_guard": 2.0, "retrain.epochs_grid": [], "retrain.drop_path_rate": None,
+                       "glora.choices_d": None, "glora.choices_e": None}
 
 
 def _keys(cfg: Config, prefixes: Iterable[str], leave_out: Iterable[str] = ()) -> dict:
@@ -307,7 +308,9 @@ def model_space(cfg: Config):
     return SearchSpace(layer_specs(model, list(g.target_modules)), ranks=list(g.ranks),
                        choices_ab=list(g.choices_ab), choices_c=list(g.choices_c), choices_de=list(g.choices_de),
                        choices_a=None if g.choices_a is None else list(g.choices_a),
-                       choices_b=None if g.choices_b is None else list(g.choices_b))
+                       choices_b=None if g.choices_b is None else list(g.choices_b),
+                       choices_d=None if g.choices_d is None else list(g.choices_d),
+                       choices_e=None if g.choices_e is None else list(g.choices_e))
 
 
 def check_max_length(cfg: Config, model) -> None:

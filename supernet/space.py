@@ -168,7 +168,8 @@ class SearchSpace:
     """The choices each tensor of each layer may take, and the subnets they make.
 
     ``choices_*`` hold kinds (``lora`` expands to one ``lora_<r>`` per rank) or explicit ``lora_<r>`` names;
-    ``choices_a`` / ``choices_b``, when given, replace ``choices_ab`` for that tensor alone.
+    ``choices_a`` / ``choices_b`` (``choices_d`` / ``choices_e``), when given, replace ``choices_ab``
+    (``choices_de``) for that tensor alone.
     Layers without a bias have C, D and E fixed to ``none`` (a merged model keeps the base architecture).
     """
 
@@ -176,7 +177,8 @@ class SearchSpace:
                  choices_ab: Iterable[str] = ("lora", "vector", "scalar", "none"),
                  choices_c: Iterable[str] = ("lora", "vector", "none"),
                  choices_de: Iterable[str] = ("vector", "scalar", "none"),
-                 choices_a: Iterable[str] | None = None, choices_b: Iterable[str] | None = None):
+                 choices_a: Iterable[str] | None = None, choices_b: Iterable[str] | None = None,
+                 choices_d: Iterable[str] | None = None, choices_e: Iterable[str] | None = None):
         self.specs = tuple(specs)
         self.names = tuple(s.name for s in self.specs)
         self.ranks = tuple(sorted({int(r) for r in ([ranks] if isinstance(ranks, int) else ranks)}))
@@ -186,7 +188,8 @@ class SearchSpace:
             "A": self._expand(choices_ab if choices_a is None else choices_a, "A"),
             "B": self._expand(choices_ab if choices_b is None else choices_b, "B"),
             "C": self._expand(choices_c, "C"),
-            "D": self._expand(choices_de, "D"), "E": self._expand(choices_de, "E"),
+            "D": self._expand(choices_de if choices_d is None else choices_d, "D"),
+            "E": self._expand(choices_de if choices_e is None else choices_e, "E"),
         }
         # per layer, per tensor: the options of that layer
         self.options: tuple[tuple[tuple[str, ...], ...], ...] = tuple(

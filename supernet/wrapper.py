@@ -23,7 +23,8 @@ class GloraSupernet(nn.Module):
             ``get_classifier()``, Hugging Face ``classifier`` / ``score`` / ``lm_head``) is never a target.
         ranks: LoRA ranks of the space (``lora_<r>`` for each r); storage holds the largest.
         choices_ab, choices_c, choices_de: what A/B, C and D/E may be (``lora`` expands to every rank);
-            choices_a / choices_b (optional) give A or B a list of its own instead of choices_ab.
+            choices_a / choices_b (optional) give A or B a list of its own instead of choices_ab, and
+            choices_d / choices_e D or E one instead of choices_de.
             A layer without bias (LLaMA's projections) keeps C, D and E at ``none``.
         parametrisation, a_lora_scale, vector_scale: constant multipliers of the stored tensors
             (:func:`supernet.layer.support_scales`); ``paper`` uses every tensor as stored.
@@ -41,13 +42,15 @@ class GloraSupernet(nn.Module):
                  choices_c: Iterable[str] = ("lora", "vector", "none"),
                  choices_de: Iterable[str] = ("vector", "scalar", "none"), parametrisation: str = "paper",
                  a_lora_scale: float = 1.0, train_head: bool = True, choices_a: Iterable[str] | None = None,
-                 choices_b: Iterable[str] | None = None, vector_scale: float = 1.0):
+                 choices_b: Iterable[str] | None = None, vector_scale: float = 1.0,
+                 choices_d: Iterable[str] | None = None, choices_e: Iterable[str] | None = None):
         super().__init__()
         self.model = model
         specs = layer_specs(model, target_modules)
         names = [sp.name for sp in specs]
         self.space = SearchSpace(specs, ranks=ranks, choices_ab=choices_ab, choices_c=choices_c,
-                                 choices_de=choices_de, choices_a=choices_a, choices_b=choices_b)
+                                 choices_de=choices_de, choices_a=choices_a, choices_b=choices_b,
+                                 choices_d=choices_d, choices_e=choices_e)
         max_rank = self.space.max_rank
         self.layer_names: tuple[str, ...] = tuple(names)
         for n in names:

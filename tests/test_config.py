@@ -186,3 +186,15 @@ def test_keys_left_out_at_default_are_the_defaults_and_leave_the_fingerprints():
     moved = load_config("tiny", ["retrain.drop_path_rate=0.1"])
     assert stage_fingerprint(moved, "retrain")["retrain.drop_path_rate"] == 0.1
     assert stage_fingerprint(moved, "supernet") == stage_fingerprint(cfg, "supernet")  # the retrain's own setting
+    split = load_config("tiny", ["glora.choices_d=[none]"])
+    assert stage_fingerprint(split, "supernet")["glora.choices_d"] == ["none"]
+
+
+def test_choices_d_and_e_reach_the_supernet_space():
+    from glora.stages.supernet import glora_options
+    from supernet.wrapper import GloraSupernet
+    import timm
+    cfg = load_config("tiny", ["glora.choices_de=[vector,scalar,none]", "glora.choices_d=[none]",
+                               "glora.choices_e=[scalar]"])
+    net = GloraSupernet(timm.create_model(cfg.model.name, num_classes=3, **cfg.model.kwargs), **glora_options(cfg.glora))
+    assert net.space.tensor_options["D"] == ("none",) and net.space.tensor_options["E"] == ("scalar",)

@@ -149,6 +149,8 @@ case("target_modules match nothing", "not found", "glora.target_modules=[nomatch
 case("choice not valid for C", "not valid for tensor C", "glora.choices_c=[scalar]")
 case("choices_a not a list", "glora.choices_a", "glora.choices_a=vector")
 case("unknown choice in choices_b", "unknown choice 'bogus'", "glora.choices_b=[lora,bogus]")
+case("choices_d empty", "glora.choices_d", "glora.choices_d=[]")
+case("lora in choices_e", "not valid for tensor E", "glora.choices_e=[lora]")
 case("infeasible budget", "infeasible", "search.min_params_m=40", "search.max_params_m=50")
 case("checkpoint file missing", "model.checkpoint", "model.checkpoint=/nonexistent/ViT-B_16.npz")
 case("supernet log damaged mid-file", "log.jsonl:1", setup=lambda c: (c.run / "supernet" / "log.jsonl").write_text(

@@ -313,3 +313,22 @@ def test_choices_a_and_b_replace_choices_ab_for_one_tensor():
     assert both.tensor_options["A"] == both.tensor_options["B"] == ("lora_4", "scalar")
     with pytest.raises(UserError, match="unknown choice 'bogus'"):
         SearchSpace(specs, choices_b=("lora", "bogus"))
+
+
+def test_choices_d_and_e_replace_choices_de_for_one_tensor():
+    specs = [LayerSpec("a", 8, 12, bias=True), LayerSpec("b", 12, 8, bias=False)]
+    space = SearchSpace(specs, ranks=(2,), choices_ab=("lora", "none"), choices_c=("none",),
+                        choices_de=("vector", "scalar", "none"), choices_d=("none",), choices_e=("vector", "none"))
+    assert space.tensor_options["D"] == ("none",) and space.tensor_options["E"] == ("vector", "none")
+    rng = np.random.default_rng(0)
+    seen_e = set()
+    for _ in range(100):
+        s = space.random(rng)
+        assert all(lc.D == "none" for lc in s.layers)
+        assert s.layers[1].E == "none"            # no bias: E stays none whatever choices_e says
+        seen_e.add(s.layers[0].E)
+    assert seen_e == {"vector", "none"}
+    one = SearchSpace(specs, choices_d=("scalar",))  # only D's list replaced; E keeps choices_de
+    assert one.tensor_options["D"] == ("scalar",) and one.tensor_options["E"] == ("vector", "scalar", "none")
+    with pytest.raises(UserError, match="not valid for tensor E"):
+        SearchSpace(specs, choices_e=("lora",))

@@ -430,10 +430,11 @@ def validate(cfg: dict) -> None:
     for key in ("target_modules", "choices_ab", "choices_c", "choices_de"):
         if not g[key] or not all(isinstance(x, str) and x.strip() for x in g[key]):
             raise UserError(f"config key glora.{key}: expected a non-empty list of names, got {g[key]}")
-    for key in ("choices_a", "choices_b"):  # optional: null means choices_ab
+    for key, shared in (("choices_a", "choices_ab"), ("choices_b", "choices_ab"), ("choices_d", "choices_de"),
+                        ("choices_e", "choices_de")):  # optional: null means the shared list
         v = g[key]
         if v is not None and (not isinstance(v, list) or not v or not all(isinstance(x, str) and x.strip() for x in v)):
-            raise UserError(f"config key glora.{key}: expected null (use choices_ab) or a non-empty list of names, "
+            raise UserError(f"config key glora.{key}: expected null (use {shared}) or a non-empty list of names, "
                             f"got {v!r}")
 
 

@@ -54,6 +54,7 @@ def glora_options(glora) -> dict:
                 choices_ab=list(glora.choices_ab), choices_c=list(glora.choices_c),
                 choices_de=list(glora.choices_de), parametrisation=glora.parametrisation,
                 choices_a=_opt_list(glora.choices_a), choices_b=_opt_list(glora.choices_b),
+                choices_d=_opt_list(glora.choices_d), choices_e=_opt_list(glora.choices_e),
                 a_lora_scale=glora.a_lora_scale, vector_scale=glora.vector_scale)
 
 
