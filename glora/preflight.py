@@ -41,7 +41,8 @@ def _flat(d: Any, prefix: str = "") -> dict:
 
 # keys that count only away from their default, so a run folder keeps the fingerprint it had before the key
 # existed (model.source before text tasks, retrain.select_by before the loss choice, glora.vector_scale,
-# retrain.refit_guard, retrain.drop_path_rate); a mismatch message shows such a key by its default value
+# retrain.refit_guard, retrain.drop_path_rate, glora.choices_d/e); a mismatch message shows such a key by its
+# default value
 LEFT_OUT_AT_DEFAULT = {"model.source": "timm", "retrain.select_by": "top1", "glora.vector_scale": 1.0,
                        "retrain.refit_guard": 2.0, "retrain.epochs_grid": [], "retrain.drop_path_rate": None,
                        "glora.choices_d": None, "glora.choices_e": None}
