@@ -10,7 +10,6 @@ data and settings); the head's rerun is printed beside its earlier score as a ch
 """
 from __future__ import annotations
 
-import csv
 import json
 import statistics as st
 import sys
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from drop_path_table import TASKS, without
+from drop_path_table import TASKS, without, write_csv
 
 
 def spend(run: Path) -> dict:
@@ -61,11 +60,7 @@ def main(out: str | None) -> None:
                              head_test_rerun=n["baselines"]["head"]["test_acc"]))
     if not rows:
         sys.exit("no runs/dnone/<task>/seed<S>/retrain/metrics.json yet")
-    if out:
-        with open(out, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+    write_csv(out, rows)
     for r in rows:
         print(f"| {r['task']} | {r['seed']} | {100 * r['lora_test']:.2f} | {100 * r['glora_test_de']:.2f} "
               f"({r['glora_params_de']:,}) | {100 * (r['glora_test_de'] - r['lora_test']):+.2f} | "

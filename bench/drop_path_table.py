@@ -30,6 +30,15 @@ def with_dp(task: str, seed: int) -> Path:
     return Path("runs/dp-s2" if seed == 2 else "runs/dp-s01") / task / f"seed{seed}" / "retrain"
 
 
+def write_csv(out: str | None, rows: list[dict]) -> None:
+    """The table's rows as a csv file at ``out`` (nothing when ``out`` is None)."""
+    if out:
+        with open(out, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+
+
 def chosen(info: dict) -> tuple[float, float, float, int]:
     return info["test_acc"], info["val_acc"], info["lr"], info["epochs"]
 
@@ -52,11 +61,7 @@ def main(out: str | None) -> None:
                              lora_epochs_dp01=l1[3], glora_test_choice=gc[0], glora_dp_choice=0.1 if gc is g1 else 0,
                              lora_test_choice=lc[0], lora_dp_choice=0.1 if lc is l1 else 0,
                              head_test_dp01=n["baselines"]["head"]["test_acc"]))
-    if out:
-        with open(out, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+    write_csv(out, rows)
 
     def pts(r, a, b):
         return 100 * (r[a] - r[b])

@@ -13,13 +13,12 @@ the third and fourth trained), for the task-seeds that were run.
 """
 from __future__ import annotations
 
-import csv
 import json
 import statistics as st
 import sys
 from pathlib import Path
 
-from drop_path_table import TASKS, without
+from drop_path_table import TASKS, without, write_csv
 
 
 def main(out: str | None) -> None:
@@ -47,11 +46,7 @@ def main(out: str | None) -> None:
                              lora_select_s=old["baselines"]["lora"]["select_time_s"],
                              k4_rank=k4 and k4["search_rank"], k4_test=k4 and k4["test_acc"],
                              k4_val=k4 and k4["val_acc"], k4_params=k4 and k4["adapter_params"]))
-    if out:
-        with open(out, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+    write_csv(out, rows)
     for r in rows:
         print(f"| {r['task']} | {r['seed']} | {100 * r['lora_test']:.2f} | {r['k2_rank']} | {100 * r['k2_test']:.2f} | "
               f"{100 * (r['k2_test'] - r['lora_test']):+.2f} | {100 * r['k1_test']:.2f} | "
