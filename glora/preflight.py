@@ -306,12 +306,10 @@ def model_space(cfg: Config):
                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     if hf:
         check_max_length(cfg, model)
-    return SearchSpace(layer_specs(model, list(g.target_modules)), ranks=list(g.ranks),
-                       choices_ab=list(g.choices_ab), choices_c=list(g.choices_c), choices_de=list(g.choices_de),
-                       choices_a=None if g.choices_a is None else list(g.choices_a),
-                       choices_b=None if g.choices_b is None else list(g.choices_b),
-                       choices_d=None if g.choices_d is None else list(g.choices_d),
-                       choices_e=None if g.choices_e is None else list(g.choices_e))
+    from glora.stages.supernet import glora_options  # the supernet's own reading of the glora section
+    opts = glora_options(g)
+    return SearchSpace(layer_specs(model, opts.pop("target_modules")),
+                       **{k: v for k, v in opts.items() if k == "ranks" or k.startswith("choices_")})
 
 
 def check_max_length(cfg: Config, model) -> None:
