@@ -30,11 +30,11 @@ def with_dp(task: str, seed: int) -> Path:
     return Path("runs/dp-s2" if seed == 2 else "runs/dp-s01") / task / f"seed{seed}" / "retrain"
 
 
-def write_csv(out: str | None, rows: list[dict]) -> None:
-    """The table's rows as a csv file at ``out`` (nothing when ``out`` is None)."""
+def write_csv(out: str | None, rows: list[dict], lineterminator: str = "\r\n") -> None:
+    """The table's rows as a csv file at ``out`` (nothing when ``out`` is None), its lines ended as given."""
     if out:
         with open(out, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator=lineterminator)
             w.writeheader()
             w.writerows(rows)
 

@@ -1,7 +1,8 @@
 """bench/accuracy.md item 32: the 15-epoch control, LoRA first. LoRA r=4 alone chooses its (lr, epochs) on val200 from
 lr {1e-3, 3e-3} x epochs {5, 10, 15} and is refit on train800val200; GLoRA keeps the {5, 10} choice of items 26
-and 27. Fills the ``lora15_test`` / ``lora_best3_test`` / ``lora_best3_epochs`` columns of
-``bench/accuracy_sandwich_seeds.csv`` for the task-seeds run and prints the item's table and summary.
+and 27 unless its own 15-epoch run (below) is there. Fills the ``lora15_test`` / ``lora_best3_test`` /
+``lora_best3_epochs`` columns of ``bench/accuracy_sandwich_seeds.csv`` for the task-seeds run and prints the
+item's table and summary.
 
     python bench/lora15_table.py mnist          # reads runs/l15/mnist/seed<S>/retrain*/metrics.json
 
@@ -19,6 +20,8 @@ import json
 import statistics as st
 import sys
 from pathlib import Path
+
+from drop_path_table import write_csv
 
 CSV = Path(__file__).parent / "accuracy_sandwich_seeds.csv"
 TOPK = Path(__file__).parent / "accuracy_top_k.csv"  # GLoRA's chosen val200 over {5, 10} (column k2_val)
@@ -83,20 +86,19 @@ def main(task: str) -> None:
                      f"{100 * (g3 - met['test_acc']):+.2f} |")
     if not lines:
         sys.exit(f"no runs/l15/{task}/seed<S>/retrain/metrics.json yet")
-    with CSV.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(str(CSV), rows, lineterminator="\n")  # the file's own line ends
     print("| seed | GLoRA (epochs) | LoRA chosen from {5, 10} | LoRA 15 epochs | LoRA chosen from {5, 10, 15} | "
           "GLoRA - LoRA {5, 10, 15} | GLoRA 15 epochs, val200 | GLoRA chosen from {5, 10, 15} | both from {5, 10, 15} |")
     print("\n".join(lines))
+
     def diff(r: dict) -> float:  # GLoRA's choice from {5, 10, 15} where its 15-epoch points were trained
         return 100 * (glora_best3(r["task"], r["seed"], r)[0] - float(r["lora_best3_test"] or r["lora_test"]))
 
     both = [diff(r) for r in rows]
     done = sorted({r["task"] for r in rows if r["lora_best3_test"]})
     print(f"GLoRA - LoRA over {len(rows)} task-seeds, LoRA from {{5, 10, 15}} on {', '.join(done)} and from "
-          f"{{5, 10}} elsewhere (GLoRA from {{5, 10, 15}} where runs/g15 has it): {st.mean(both):+.2f} (sd {st.stdev(both):.2f}); level on {sum(x >= 0 for x in both)}")
+          f"{{5, 10}} elsewhere (GLoRA from {{5, 10, 15}} where runs/g15 has it): {st.mean(both):+.2f} "
+          f"(sd {st.stdev(both):.2f}); level on {sum(x >= 0 for x in both)}")
     for t in sorted({r["task"] for r in rows}):
         x = [diff(r) for r in rows if r["task"] == t]
         print(f"  {t}: {st.mean(x):+.2f} ({', '.join(f'{v:+.2f}' for v in x)})")
