@@ -195,7 +195,7 @@ def cmd_prepare(argv: list[str]) -> int:
     check_writable_folder(Path(args.root), "prepare --root")
     setup_logging()
     path = prepare_task(args.task, args.root, seed=args.seed, overwrite=args.overwrite)
-    print(f"wrote {path}")
+    print(f"wrote {path}" + (f"; runs on it need --set data.seed={args.seed}" if args.seed else ""))
     return 0
 
 

@@ -45,7 +45,7 @@ def _flat(d: Any, prefix: str = "") -> dict:
 # default value
 LEFT_OUT_AT_DEFAULT = {"model.source": "timm", "retrain.select_by": "top1", "glora.vector_scale": 1.0,
                        "retrain.refit_guard": 2.0, "retrain.epochs_grid": [], "retrain.drop_path_rate": None,
-                       "glora.choices_d": None, "glora.choices_e": None}
+                       "glora.choices_d": None, "glora.choices_e": None, "data.seed": 0}
 
 
 def _keys(cfg: Config, prefixes: Iterable[str], leave_out: Iterable[str] = ()) -> dict:
@@ -60,7 +60,8 @@ def _keys(cfg: Config, prefixes: Iterable[str], leave_out: Iterable[str] = ()) -
             and not (k in LEFT_OUT_AT_DEFAULT and v == LEFT_OUT_AT_DEFAULT[k])}
 
 
-BASE_KEYS = ("seed", "precision", "model", "data.root", "data.task", "data.image_size", "data.batch_size", "glora")
+BASE_KEYS = ("seed", "precision", "model", "data.root", "data.task", "data.seed", "data.image_size",
+             "data.batch_size", "glora")
 
 
 def _is_hf(cfg: Config) -> bool:
@@ -266,10 +267,12 @@ def check_data(cfg: Config) -> None:
         from glora.data.text import text_num_classes
         text_num_classes(cfg.data.root, cfg.data.task)
         return
-    from glora.data.offline import OFFLINE_TASKS, ensure_task
+    from glora.data.offline import OFFLINE_TASKS, check_task_seed, ensure_task
     from glora.data.vtab import num_classes
     target = Path(cfg.data.root) / cfg.data.task
     if target.is_dir():
+        if cfg.data.task in OFFLINE_TASKS:
+            check_task_seed(target, cfg.data.seed)
         num_classes(cfg.data.root, cfg.data.task)
     elif cfg.data.task not in OFFLINE_TASKS or not cfg.data.prepare_missing:
         ensure_task(cfg.data.root, cfg.data.task, prepare_missing=cfg.data.prepare_missing)  # raises its error

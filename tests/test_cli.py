@@ -60,3 +60,12 @@ def test_prepare_writes_a_task(cli, tmp_path):
     for split in ["train800", "val200", "train800val200", "test"]:
         assert (tmp_path / "dsprites_ori" / f"{split}.txt").is_file()
     assert len((tmp_path / "dsprites_ori" / "train800.txt").read_text().splitlines()) == 800
+
+
+def test_a_task_prepared_from_another_seed_needs_data_seed(cli, tmp_path):
+    r = cli("prepare", "--task", "dsprites_loc", "--root", str(tmp_path), "--seed", "3")
+    assert r.returncode == 0 and "--set data.seed=3" in r.stdout, (r.stdout, r.stderr)
+    r = cli(*TINY, "--set", f"output_dir={tmp_path / 'o'}", "--set", f"data.root={tmp_path}")
+    one_line_error(r, "was generated from seed 3, not 0")
+    assert not (tmp_path / "o").exists()
+

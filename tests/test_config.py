@@ -186,6 +186,12 @@ def test_keys_left_out_at_default_are_the_defaults_and_leave_the_fingerprints():
     moved = load_config("tiny", ["retrain.drop_path_rate=0.1"])
     assert stage_fingerprint(moved, "retrain")["retrain.drop_path_rate"] == 0.1
     assert stage_fingerprint(moved, "supernet") == stage_fingerprint(cfg, "supernet")  # the retrain's own setting
+    other_data = load_config("tiny", ["data.seed=2"])
+    for stage in ("supernet", "search", "retrain"):
+        assert stage_fingerprint(other_data, stage)["data.seed"] == 2, stage
+    from glora.stages.retrain import Method
+    assert "data_seed" not in Method("lora", "LoRA", None, "scratch").fingerprint(cfg)
+    assert Method("lora", "LoRA", None, "scratch").fingerprint(other_data)["data_seed"] == 2
     split = load_config("tiny", ["glora.choices_d=[none]"])
     assert stage_fingerprint(split, "supernet")["glora.choices_d"] == ["none"]
 

@@ -199,6 +199,32 @@ def test_ensure_task(tmp_path):
     assert sorted(q.name for q in tmp_path.iterdir()) == ["caltech101", "dsprites_ori", "mnist"]
 
 
+def test_offline_task_from_another_seed_is_refused(tmp_path):
+    d = prepare_task("dsprites_ori", tmp_path, seed=3, n_test=16)
+    _assert_user_error(lambda: ensure_task(tmp_path, "dsprites_ori"), d, "seed 3, not 0", "data.seed=3")
+    assert ensure_task(tmp_path, "dsprites_ori", seed=3) == d
+    mine = make_task(tmp_path, "mnist")  # a VTAB-layout folder of the user's own: no record, nothing to check
+    assert ensure_task(tmp_path, "mnist", seed=7) == mine
+    (d / "offline_task.json").write_text("{not json")
+    _assert_user_error(lambda: ensure_task(tmp_path, "dsprites_ori", seed=3), "damaged", d)
+
+
+def test_the_runs_seed_does_not_choose_the_offline_data(tmp_path):
+    """``data.seed`` generates a missing offline task; the run's ``seed`` (training) does not, so runs of several
+    seeds on one data.root see the same images whichever ran first."""
+    import json
+    from glora.core.build import prepare_data
+    from glora.core.config import load_config
+    from glora.preflight import check_data
+    cfg = load_config("tiny", [f"data.root={tmp_path}", "data.task=dsprites_ori", "seed=4"])
+    assert prepare_data(cfg) == 16
+    assert json.loads((tmp_path / "dsprites_ori" / "offline_task.json").read_text())["seed"] == 0
+    check_data(cfg)
+    other = load_config("tiny", [f"data.root={tmp_path}", "data.task=dsprites_ori", "data.seed=2"])
+    _assert_user_error(lambda: check_data(other), "data.seed", "seed 0, not 2")
+    _assert_user_error(lambda: prepare_data(other), "data.seed", "seed 0, not 2")
+
+
 def test_interrupted_prepare_leaves_no_task(tmp_path, monkeypatch):
     import glora.data.offline as off
 

@@ -41,7 +41,8 @@ def prepare_data(cfg) -> int:
 
     from . import dist
     with dist.main_first():  # under torchrun the first rank of a node writes a missing task, the others read it
-        ensure_task(cfg.data.root, cfg.data.task, prepare_missing=cfg.data.prepare_missing, seed=cfg.seed)
+        ensure_task(cfg.data.root, cfg.data.task, prepare_missing=cfg.data.prepare_missing,
+                    seed=cfg.data.seed)
     return num_classes(cfg.data.root, cfg.data.task)
 
 

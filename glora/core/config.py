@@ -320,7 +320,8 @@ def validate(cfg: dict) -> None:
         raise UserError(f"config key device: {dev!r} is not one of auto, cpu, cuda, cuda:N")
     if not str(cfg["output_dir"]).strip():
         raise UserError("config key output_dir: empty; give the folder the run writes into (e.g. runs/my_task)")
-    for key, seed in (("seed", cfg["seed"]), ("search.seed", cfg["search"]["seed"])):
+    for key, seed in (("seed", cfg["seed"]), ("search.seed", cfg["search"]["seed"]),
+                      ("data.seed", cfg["data"]["seed"])):
         if not 0 <= seed <= MAX_SEED:
             raise UserError(f"config key {key}: must be an integer in [0, {MAX_SEED}], got {seed}")
     _at_least("threads", cfg["threads"], 0)

@@ -360,10 +360,29 @@ def prepare_task(name: str, root: str | os.PathLike, seed: int = 0, overwrite: b
     return target
 
 
+def check_task_seed(target: Path, seed: int) -> None:
+    """Refuse an offline task folder generated from another seed than ``seed`` (``data.seed``): its images are
+    not the ones this config names, and a run on them would not repeat. A folder without ``offline_task.json``
+    (a real VTAB-1k task) is not checked."""
+    info_path = target / "offline_task.json"
+    if not info_path.is_file():
+        return
+    try:
+        made = json.loads(info_path.read_text(encoding="utf-8")).get("seed")
+    except (OSError, ValueError, AttributeError):
+        raise UserError(f"{info_path}: damaged; delete {target} to generate the offline task again") from None
+    if made != seed:
+        raise UserError(f"data.seed: {target} was generated from seed {made!r}, not {seed}; set "
+                        f"data.seed={made} to use it, or delete {target} to generate it from seed {seed}")
+
+
 def ensure_task(root: str | os.PathLike, task: str, prepare_missing: bool = True, seed: int = 0) -> Path:
-    """``<root>/<task>``, generating it first when it is missing and ``task`` is an offline task."""
+    """``<root>/<task>``, generating it from ``seed`` first when it is missing and ``task`` is an offline task;
+    an offline task there already must have been generated from ``seed`` (``check_task_seed``)."""
     target = Path(root) / task
     if target.is_dir():
+        if task in OFFLINE_TASKS:
+            check_task_seed(target, seed)
         return target
     if task in OFFLINE_TASKS:
         if not prepare_missing:

@@ -152,6 +152,8 @@ class Method:
               "init": self.init, "glora": {k: cfg.glora[k] for k in ("parametrisation", "a_lora_scale")}}
         if cfg.glora.vector_scale != 1.0:  # only away from its default: older run folders keep their fingerprint
             fp["glora"]["vector_scale"] = cfg.glora.vector_scale
+        if cfg.data.seed != 0:  # the same: an offline task generated from another seed holds other images
+            fp["data_seed"] = cfg.data.seed
         if self.subnet is not None:
             fp.update(subnet=[list(c) for c in self.subnet.layers], names=list(self.subnet.names))
         return fp
