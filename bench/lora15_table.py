@@ -1,10 +1,11 @@
-"""bench/accuracy.md item 32: the 15-epoch control, LoRA first. LoRA r=4 alone chooses its (lr, epochs) on val200 from
+"""bench/accuracy.md items 32 and 34: the 15-epoch control, LoRA first. LoRA r=4 alone chooses its (lr, epochs) on val200 from
 lr {1e-3, 3e-3} x epochs {5, 10, 15} and is refit on train800val200; GLoRA keeps the {5, 10} choice of items 26
 and 27 unless its own 15-epoch run (below) is there. Fills the ``lora15_test`` / ``lora_best3_test`` /
 ``lora_best3_epochs`` columns of ``bench/accuracy_sandwich_seeds.csv`` for the task-seeds run and prints the
 item's table and summary.
 
     python bench/lora15_table.py mnist          # reads runs/l15/mnist/seed<S>/retrain*/metrics.json
+    python bench/lora15_table.py dsprites_loc   # any task of the csv (item 34: fashion_mnist, dsprites_loc)
 
 The runs (not kept in the repository) are ``--stage retrain --subnet <uniform lora_4 subnet>`` with
 ``retrain.init: scratch``, ``retrain.epochs_grid: [5, 10, 15]`` and no baselines: the same model, seed, data and
