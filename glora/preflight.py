@@ -267,12 +267,11 @@ def check_data(cfg: Config) -> None:
         from glora.data.text import text_num_classes
         text_num_classes(cfg.data.root, cfg.data.task)
         return
-    from glora.data.offline import OFFLINE_TASKS, check_task_seed, ensure_task
+    from glora.data.offline import OFFLINE_TASKS, ensure_task
     from glora.data.vtab import num_classes
     target = Path(cfg.data.root) / cfg.data.task
     if target.is_dir():
-        if cfg.data.task in OFFLINE_TASKS:
-            check_task_seed(target, cfg.data.seed)
+        ensure_task(cfg.data.root, cfg.data.task, seed=cfg.data.seed)  # an offline task: generated from data.seed
         num_classes(cfg.data.root, cfg.data.task)
     elif cfg.data.task not in OFFLINE_TASKS or not cfg.data.prepare_missing:
         ensure_task(cfg.data.root, cfg.data.task, prepare_missing=cfg.data.prepare_missing)  # raises its error

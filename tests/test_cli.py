@@ -68,4 +68,3 @@ def test_a_task_prepared_from_another_seed_needs_data_seed(cli, tmp_path):
     r = cli(*TINY, "--set", f"output_dir={tmp_path / 'o'}", "--set", f"data.root={tmp_path}")
     one_line_error(r, "was generated from seed 3, not 0")
     assert not (tmp_path / "o").exists()
-
