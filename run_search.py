@@ -43,7 +43,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 # what a full, read-only or unwritable folder raises: the user's to fix, not a bug
 USER_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EISDIR,
-               errno.EEXIST, errno.ENAMETOOLONG, errno.ELOOP}
+               errno.EEXIST, errno.ENAMETOOLONG, errno.ELOOP, errno.ENOENT}
 
 
 def os_error_line(e: OSError) -> str:
@@ -52,6 +52,8 @@ def os_error_line(e: OSError) -> str:
             errno.EDQUOT: "free some space or use another output_dir",
             errno.EROFS: "the file system is read-only: use another output_dir"}.get(
         e.errno, "check that the path is a folder you can write to, or use another one")
+    if e.errno == errno.ENOENT:  # a folder that cannot be made there (a path under /proc, a vanished parent)
+        return f"cannot make or use {where}: {e.strerror or e}; give a path under a folder you can write to"
     return f"cannot write {where}: {e.strerror or e}; {hint}"
 
 
@@ -187,6 +189,9 @@ def cmd_prepare(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if args.task not in OFFLINE_TASKS:
         raise UserError(f"unknown offline task {args.task!r}: valid are {', '.join(OFFLINE_TASKS)}")
+    from glora.core.config import MAX_SEED
+    if not 0 <= args.seed <= MAX_SEED:
+        raise UserError(f"prepare --seed {args.seed}: must be an integer in [0, {MAX_SEED}] (the range of data.seed)")
     target = Path(args.root) / args.task
     if target.exists() and not args.overwrite:
         print(f"left {target} as it is: it exists already (--overwrite replaces it)")

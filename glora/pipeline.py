@@ -9,7 +9,8 @@ from pathlib import Path
 from .core import dist
 from .core.config import Config
 from .core.io import atomic_write_json
-from .preflight import record_settings
+from .core.errors import UserError
+from .preflight import SETTINGS, STAGES, check_stage_settings, forget_settings, record_settings, stage_folder
 
 _logger = logging.getLogger("glora")
 
@@ -25,31 +26,89 @@ def _stage_fns():
     }
 
 
+RESULT = "result.json"  # in each stage folder: what the stage returned, with its time
+
+
 def run_stages(cfg: Config, stages, progress: bool = True, skip_complete: bool = True) -> dict:
     fns = _stage_fns()
     out = Path(cfg.output_dir)
-    summary_path = out / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     for stage in stages:
         complete, run = fns[stage]
         if skip_complete and dist.agree(complete(cfg)):  # rank 0's reading decides for every rank
-            _logger.info("%s: already complete, skipped (delete %s to redo it)", stage, out / stage)
+            _logger.info("%s: already complete, skipped (delete %s to redo it)", stage, stage_folder(cfg, stage))
             continue
         _logger.info("%s: starting", stage)
+        folder = stage_folder(cfg, stage)
+        resumed = dist.agree((folder / SETTINGS).is_file())
         if dist.is_main():
             record_settings(cfg, stage)  # what this stage folder is made with, checked by every later run
         t0 = time.time()
-        result = run(cfg, progress=progress)
+        try:
+            result = run(cfg, progress=progress)
+        except BaseException:
+            if dist.is_main() and not resumed:
+                forget_settings(cfg, stage)  # failed before it wrote anything: the folder stays free
+            raise
         result["time_s"] = round(time.time() - t0, 1)
         result["world_size"], result["backend"] = dist.world_size(), dist.backend()
-        summary[stage] = result
+        if resumed:  # the time is this session's only
+            result["resumed"] = True
         if dist.is_main():
-            atomic_write_json(summary_path, summary)
+            atomic_write_json(folder / RESULT, result)
         dist.barrier()  # the next stage reads what rank 0 wrote
         _logger.info("%s: done in %.1f s", stage, result["time_s"])
+    summary = read_summary(cfg)
     if dist.is_main():
+        atomic_write_json(out / "summary.json", summary)
         print_summary(cfg, summary)
     return summary
+
+
+def read_summary(cfg: Config) -> dict:
+    """The results of this config's finished stage folders, read from the folders themselves: a stage folder
+    made with other settings (a new supernet beside an old search, another ``retrain.dir``) is left out rather
+    than reported as this run's. ``summary.json`` is a copy, rewritten by every command; runs made before the
+    stage folders kept ``result.json`` fall back on it for the supernet and the search."""
+    from .stages.retrain import MERGED, METRICS
+    out = Path(cfg.output_dir)
+    old = {}
+    if (out / "summary.json").is_file():
+        try:
+            old = json.loads((out / "summary.json").read_text())
+        except (OSError, ValueError):
+            old = {}
+    fns = _stage_fns()
+    summary = {}
+    for stage in STAGES:
+        folder = stage_folder(cfg, stage)
+        if not folder.is_dir() or not fns[stage][0](cfg):
+            continue
+        try:
+            check_stage_settings(cfg, stage)
+        except UserError as e:
+            _logger.warning("%s: not part of this run's summary: %s", stage, e)
+            continue
+        res = _json_dict(folder / RESULT)
+        if stage == "retrain":  # the metrics are the record; the times come from result.json
+            res = {**{k: res[k] for k in ("time_s", "world_size", "backend", "resumed") if k in res},
+                   **(_json_dict(folder / METRICS)), "merged_file": str(folder / MERGED)}
+        elif not res and isinstance(old.get(stage), dict):
+            res = old[stage]
+        if stage == "supernet" and res:
+            res["adapter_file"] = str(folder / "adapters.safetensors")
+        if stage == "search" and res:
+            res["subnet_file"] = str(folder / "subnet.yaml")
+        if res:
+            summary[stage] = res
+    return summary
+
+
+def _json_dict(path: Path) -> dict:
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return d if isinstance(d, dict) else {}
 
 
 BASELINE_ORDER = ("lora", "head")
@@ -89,7 +148,8 @@ def print_summary(cfg: Config, summary: dict) -> None:
     lines = ["", f"== GLoRA run summary ({out}) =="]
     for stage in ("supernet", "search", "retrain"):
         if stage in summary:
-            lines.append(f"  {stage:<9} {summary[stage].get('time_s', 0):>8.1f} s")
+            lines.append(f"  {stage:<9} {summary[stage].get('time_s', 0):>8.1f} s"
+                         + ("   (resumed: this session's time only)" if summary[stage].get("resumed") else ""))
     s = summary.get("search")
     if s:
         lines.append(f"  searched subnet: {s.get('params', 0):,} adapter params, val top-1 {s.get('val_acc', 0):.4f}"
@@ -123,6 +183,8 @@ def print_summary(cfg: Config, summary: dict) -> None:
         if len(rows) > 1:
             lines.append(f"  ({'lr and epochs' if ep_col else 'lr'} chosen on val200 after training on train800; test "
                          "scored once, after training on train800val200; GLoRA's time includes supernet and search)")
+        if r.get("resumed"):
+            lines.append("  (the retrain resumed: its times count this session's training only)")
         if r.get("drop_path_rate") is not None:
             lines.append(f"  (retrained with stochastic depth {r['drop_path_rate']:g}: retrain.drop_path_rate; not the "
                          "head alone, which trains on the frozen features)")

@@ -130,6 +130,18 @@ def record_settings(cfg: Config, stage: str) -> None:
                                  "config": cfg.to_dict()})
 
 
+def forget_settings(cfg: Config, stage: str) -> None:
+    """Undo :func:`record_settings` for a stage that failed before writing anything else (a bad checkpoint, a
+    device that is not there): the corrected command then finds the folder free, not made with the bad value."""
+    folder = stage_folder(cfg, stage)
+    try:
+        if [p.name for p in folder.iterdir()] == [SETTINGS]:
+            (folder / SETTINGS).unlink()
+            folder.rmdir()
+    except OSError:
+        pass
+
+
 def _differences(old: dict, new: dict, limit: int = 3) -> str:
     def get(d, k):
         return d.get(k, LEFT_OUT_AT_DEFAULT.get(k, "<unset>"))
@@ -226,6 +238,11 @@ def check_stage_files(cfg: Config, stage: str) -> None:
         if (folder / "metrics.json").exists() and not isinstance(
                 _read_json(folder / "metrics.json", "the metrics", fix), dict):
             raise UserError(f"{folder / 'metrics.json'}: damaged, expected a mapping; {fix}")
+        from .core.checkpoint import safetensors_header
+        from .stages.retrain import ADAPTERS, MERGED
+        for name in (MERGED, ADAPTERS):  # a rerun reuses the trained points and writes a deleted one again
+            if (folder / name).exists():
+                safetensors_header(folder / name, f"delete {folder / name} and run again to write it anew")
 
 
 def check_summary(cfg: Config) -> None:
@@ -308,10 +325,30 @@ def model_space(cfg: Config):
                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     if hf:
         check_max_length(cfg, model)
+    else:
+        check_image_size(cfg, model)
     from glora.stages.supernet import glora_options  # the supernet's own reading of the glora section
     opts = glora_options(g)
-    return SearchSpace(layer_specs(model, opts.pop("target_modules")),
-                       **{k: v for k, v in opts.items() if k == "ranks" or k.startswith("choices_")})
+    specs = layer_specs(model, opts.pop("target_modules"))
+    widest = max((min(s.in_features, s.out_features) for s in specs), default=0)
+    for key, ranks in (("glora.ranks", list(g.ranks)), ("retrain.lora_rank", [cfg.retrain.lora_rank])):
+        if specs and max(ranks) > widest:
+            raise UserError(f"config key {key}: rank {max(ranks)} is above {widest}, the largest rank any adapted "
+                            f"layer of {cfg.model.name} can use (min of its in and out features)")
+    return SearchSpace(specs, **{k: v for k, v in opts.items() if k == "ranks" or k.startswith("choices_")})
+
+
+def check_image_size(cfg: Config, model) -> None:
+    """``data.image_size`` against a ViT's fixed input size (timm's patch embedding refuses any other)."""
+    size = cfg.data.image_size
+    pe = getattr(model, "patch_embed", None)
+    fixed = getattr(pe, "img_size", None)
+    if not size or fixed is None or getattr(pe, "dynamic_img_size", False) or not getattr(pe, "strict_img_size", True):
+        return
+    if tuple(fixed) != (size, size):
+        raise UserError(f"config key data.image_size: {size} does not match the {fixed[0]}x{fixed[1]} input of "
+                        f"{cfg.model.name}; set model.kwargs.img_size={size} as well, or data.image_size=0 (the "
+                        "model's own size)")
 
 
 def check_max_length(cfg: Config, model) -> None:
@@ -433,3 +470,6 @@ def preflight(cfg: Config, stages: Iterable[str]) -> None:
     for stage in _stages_read(cfg, stages):
         check_stage_settings(cfg, stage)
         check_stage_files(cfg, stage)
+    for stage in STAGES:  # the other stage folders too: a stage run beside them must not leave them stale
+        if stage not in _stages_read(cfg, stages):
+            check_stage_settings(cfg, stage)

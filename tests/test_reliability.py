@@ -185,6 +185,25 @@ case("other retrain select_by", "retrain.select_by: 'top1' -> 'loss'", "retrain.
 case("other retrain epochs_grid", "retrain.epochs_grid: [] -> [1, 2]", "retrain.epochs_grid=[1, 2]")
 case("other budget", "search.max_params_m", "search.max_params_m=0.04")
 case("fewer generations", "ran 2 search generations", "search.generations=1")
+case("image_size not the model's", "data.image_size: 64 does not match the 32x32 input", "data.image_size=64")
+case("image_size huge", "data.image_size: 100000 is more than 4096", "data.image_size=100000")
+case("rank wider than every layer", "glora.ranks: rank 100000 is above 32", "glora.ranks=[2, 100000]")
+case("lora_rank wider than every layer", "retrain.lora_rank: rank 4096 is above 32", "retrain.lora_rank=4096")
+case("threads huge", "threads: 1000000 is more than 1024", "threads=1000000")
+case("num_workers huge", "data.num_workers: 100000 is more than 1024", "data.num_workers=100000")
+case("crossover huge", "search.crossover: 1000000000000 is more than 100000", "search.crossover=1e12")
+case("warmup overflows", "supernet.warmup_epochs: 1e+308 is more than", "supernet.warmup_epochs=1e308")
+case("a stage run beside later ones it would leave stale", "search was made with other settings (supernet.lr",
+     setup=lambda c: shutil.rmtree(c.run / "supernet"), argv=lambda c: c.args("supernet.lr=2e-3") + ["--stage",
+                                                                                                  "supernet"])
+case("merged model truncated", "model_merged.safetensors is damaged",
+     setup=truncate("retrain/model_merged.safetensors", 0.9))
+case("retrain adapters empty", "retrain/adapters.safetensors is damaged", setup=write("retrain/adapters.safetensors",
+                                                                                        b""))
+case("output_dir cannot be made", "cannot make or use /proc/",
+     argv=lambda c: tiny_args(Path("/proc/no-such-process/run"), c.data_root))
+case("prepare --seed out of range", "prepare --seed -1: must be an integer in [0, 4294967295]",
+     argv=lambda c: ["prepare", "--task", "dsprites_ori", "--seed", "-1", "--root", str(c.tmp / "p")])
 case("stage folder without record", "no settings.json",
      setup=lambda c: (c.run / "supernet" / "settings.json").unlink())
 # damaged files of the run
@@ -271,7 +290,7 @@ def _other_task(data_root: Path) -> None:
 
 
 def test_bad_input_table_size():
-    assert len(BAD_INPUTS) == 101, len(BAD_INPUTS)
+    assert len(BAD_INPUTS) == 114, len(BAD_INPUTS)
 
 
 @pytest.mark.parametrize("sets,setup,argv,fragment", BAD_INPUTS)
@@ -558,3 +577,71 @@ def test_retrain_compares_merged_and_unmerged_logits(finished_run, data_root, tm
         cli(*tiny_args(run, data_root, "retrain.dir=retrain-m", "retrain.epochs=0",
                        "retrain.baselines=[]"), "--stage", "retrain")
     assert not (run / "retrain-m" / "model_merged.safetensors").exists()
+
+
+# ------------------------------------------------------------------------------------------------ the summary
+def test_summary_reports_this_configs_retrain_folder(finished_run, data_root, tmp_path, cli):
+    """Another retrain.dir beside the default one: a later run of the default config reports its own folder's
+    results, not the last ones written; a deleted summary.json is rebuilt from the stage folders."""
+    run = copy_run(finished_run, tmp_path)
+    assert cli(*tiny_args(run, data_root, "retrain.dir=retrain2", "retrain.epochs=1")).returncode == 0
+    other = json.loads((run / "retrain2" / "metrics.json").read_text())
+    r = cli(*tiny_args(run, data_root))
+    assert r.returncode == 0, r.stderr
+    mine = json.loads((run / "retrain" / "metrics.json").read_text())
+    assert mine["epochs"] != other["epochs"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["retrain"]["epochs"] == mine["epochs"] and summary["retrain"]["test_acc"] == mine["test_acc"]
+    assert summary["retrain"]["merged_file"] == str(run / "retrain" / "model_merged.safetensors")
+    assert "retrain2" not in r.stdout
+    (run / "summary.json").unlink()
+    r = cli(*tiny_args(run, data_root))
+    assert r.returncode == 0, r.stderr
+    assert json.loads((run / "summary.json").read_text())["retrain"] == summary["retrain"]
+    assert f"{mine['test_acc']:.4f}" in r.stdout and str(run / "search" / "subnet.yaml") in r.stdout
+
+
+def test_a_moved_run_names_its_files_where_they_are(finished_run, data_root, tmp_path, cli):
+    moved = copy_run(finished_run, tmp_path)
+    r = cli(*tiny_args(moved, data_root))
+    assert r.returncode == 0, r.stderr
+    s = json.loads((moved / "summary.json").read_text())
+    assert s["retrain"]["merged_file"] == str(moved / "retrain" / "model_merged.safetensors")
+    assert s["supernet"]["adapter_file"] == str(moved / "supernet" / "adapters.safetensors")
+    assert str(finished_run) not in r.stdout
+
+
+def test_deleted_model_file_is_written_again(finished_run, data_root, tmp_path, cli):
+    """metrics.json alone does not make a retrain complete: a deleted merged model is made again from the trained
+    points (the same bytes), and the summary says the retrain's times are this session's only."""
+    run = copy_run(finished_run, tmp_path)
+    merged = run / "retrain" / "model_merged.safetensors"
+    before, data = json.loads((run / "retrain" / "metrics.json").read_text()), merged.read_bytes()
+    merged.unlink()
+    r = cli(*tiny_args(run, data_root))
+    assert r.returncode == 0, r.stderr
+    assert merged.read_bytes() == data
+    assert json.loads((run / "retrain" / "metrics.json").read_text())["test_acc"] == before["test_acc"]
+    assert "(resumed: this session's time only)" in r.stdout
+
+
+def test_a_stage_failing_before_it_writes_leaves_its_folder_free(data_root, tmp_path, monkeypatch):
+    """A stage that fails at once (a device that is not there, a checkpoint that does not load) must not leave a
+    settings record behind that refuses the corrected command; a stage that had started before keeps its own."""
+    import glora.stages.supernet as sn
+    from glora import pipeline
+    from glora.core.config import load_config
+    from glora.preflight import record_settings
+    out = tmp_path / "run"
+    cfg = load_config("tiny", [f"output_dir={out}", f"data.root={data_root}"])
+
+    def fail(cfg, progress=True):
+        raise UserError("no such device")
+    monkeypatch.setattr(sn, "train_supernet", fail)
+    with pytest.raises(UserError):
+        pipeline.run_stages(cfg, ["supernet"], progress=False)
+    assert not (out / "supernet").exists()
+    record_settings(cfg, "supernet")  # a stage begun by an earlier command
+    with pytest.raises(UserError):
+        pipeline.run_stages(cfg, ["supernet"], progress=False)
+    assert (out / "supernet" / "settings.json").is_file()

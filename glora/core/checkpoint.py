@@ -71,33 +71,43 @@ def _damaged(path: Path, why: str) -> UserError:
                      "or use another output_dir")
 
 
-def _header(path: Path) -> dict:
-    """The checked header of a checkpoint file (size, JSON, offsets within the file, format), read without its
-    tensors."""
+def safetensors_header(path: Path, fix: str = "") -> dict:
+    """The header of any safetensors file, checked against the file's size (JSON, tensor offsets within the
+    file), read without its tensors; a missing, short or damaged file is a one-line UserError ending in ``fix``
+    (by default: delete the stage folder)."""
+    def damaged(why: str) -> UserError:
+        return UserError(f"{path} is damaged ({why}); {fix}") if fix else _damaged(path, why)
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             head = f.read(8)
             if len(head) < 8:
-                raise _damaged(path, f"{size} bytes, too short for a safetensors header")
+                raise damaged(f"{size} bytes, too short for a safetensors header")
             n = int.from_bytes(head, "little")
             if n > size - 8:
-                raise _damaged(path, "cut short inside its header")
+                raise damaged("cut short inside its header")
             raw = f.read(n)
     except OSError as e:
-        raise UserError(f"{path}: cannot read it ({e.strerror or e})") from None
+        raise UserError(f"{path}: cannot read it ({e.strerror or e}){'; ' + fix if fix else ''}") from None
     try:
         header = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise _damaged(path, "its header is not JSON") from None
+        raise damaged("its header is not JSON") from None
     if not isinstance(header, dict):
-        raise _damaged(path, "its header is not a mapping")
+        raise damaged("its header is not a mapping")
     try:
         end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
     except (TypeError, KeyError, IndexError, ValueError):
-        raise _damaged(path, "its header has no valid tensor offsets") from None
+        raise damaged("its header has no valid tensor offsets") from None
     if 8 + n + end != size:
-        raise _damaged(path, f"{size} bytes where its header promises {8 + n + end}: cut short or extended")
+        raise damaged(f"{size} bytes where its header promises {8 + n + end}: cut short or extended")
+    return header
+
+
+def _header(path: Path) -> dict:
+    """The checked header of a checkpoint file (size, JSON, offsets within the file, format), read without its
+    tensors."""
+    header = safetensors_header(path)
     meta = header.get("__metadata__")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or "state" not in meta:
         raise _damaged(path, "not a checkpoint of this tool")

@@ -298,6 +298,7 @@ def _one_of(key: str, value: Any, valid: Iterable[str]) -> None:
 
 
 MAX_SEED = 2 ** 32 - 1
+MAX_WORKERS = 1024  # threads and loader processes: more than any machine's cores
 
 
 def _at_least(key: str, value: Any, least: float, finite: bool = True) -> None:
@@ -305,6 +306,11 @@ def _at_least(key: str, value: Any, least: float, finite: bool = True) -> None:
     if not (value >= least) or (finite and not math.isfinite(value)):
         kind = "an integer" if isinstance(value, int) else "a finite number" if finite else "a number"
         raise UserError(f"config key {key}: must be {kind} >= {least:g}, got {value!r}")
+
+
+def _at_most(key: str, value: Any, most: float, what: str) -> None:
+    if value > most:
+        raise UserError(f"config key {key}: {value!r} is more than {most:g} ({what})")
 
 
 def _positive(key: str, value: Any) -> None:
@@ -325,6 +331,7 @@ def validate(cfg: dict) -> None:
         if not 0 <= seed <= MAX_SEED:
             raise UserError(f"config key {key}: must be an integer in [0, {MAX_SEED}], got {seed}")
     _at_least("threads", cfg["threads"], 0)
+    _at_most("threads", cfg["threads"], MAX_WORKERS, "0 uses torch's default, one per core")
     m = cfg["model"]
     if not str(m["name"]).strip():
         raise UserError("config key model.name: empty; give a timm model name (timm.list_models())")
@@ -337,6 +344,8 @@ def validate(cfg: dict) -> None:
         raise UserError(f"config key data.task: {d['task']!r} must be a task folder name under data.root")
     _at_least("data.image_size", d["image_size"], 0)
     _at_least("data.num_workers", d["num_workers"], 0)
+    _at_most("data.num_workers", d["num_workers"], MAX_WORKERS, "about one loader process per core is plenty")
+    _at_most("data.image_size", d["image_size"], 4096, "0 uses the model's own input size")
     if d["on_device"] not in ("auto", True, False):
         raise UserError(f"config key data.on_device: {d['on_device']!r} is not one of auto, true, false")
     r = cfg["retrain"]
@@ -398,6 +407,8 @@ def validate(cfg: dict) -> None:
         _positive(f"{sec}.lr", t["lr"])
         for key in ("weight_decay", "warmup_epochs", "min_lr", "head_lr_scale", "max_steps_per_epoch"):
             _at_least(f"{sec}.{key}", t[key], 0)
+        _at_most(f"{sec}.warmup_epochs", t["warmup_epochs"], 1e6, "a warmup longer than the training only keeps "
+                 "every lr below its peak")
     _at_least("supernet.grad_clip", cfg["supernet"]["grad_clip"], 0)
     _at_least("supernet.probe_paths", cfg["supernet"]["probe_paths"], 0)
     if not 1 <= cfg["supernet"]["sandwich_paths"] <= 64:
@@ -421,6 +432,8 @@ def validate(cfg: dict) -> None:
         raise UserError(f"config key search.select: must be >= 1, got {s['select']}")
     for key in ("mutation", "crossover", "max_eval_batches", "min_params_m", "max_params_m"):
         _at_least(f"search.{key}", s[key], 0)
+    for key in ("mutation", "crossover"):  # children made per generation, each scored on the val split
+        _at_most(f"search.{key}", s[key], 100_000, "children scored per generation")
     if s["min_params_m"] > s["max_params_m"]:
         raise UserError(f"search.min_params_m ({s['min_params_m']}) is above search.max_params_m "
                         f"({s['max_params_m']})")

@@ -31,8 +31,14 @@ MERGED_PRETRAINED = "merged"  # model.source: hf
 METRICS = "metrics.json"
 
 
+ADAPTERS = "adapters.safetensors"
+
+
 def retrain_complete(cfg: Config) -> bool:
-    return (Path(cfg.output_dir) / cfg.retrain.dir / METRICS).is_file()
+    """The metrics and both model files are there (a deleted model file is made again by a rerun, which reuses
+    every trained point)."""
+    out = Path(cfg.output_dir) / cfg.retrain.dir
+    return all((out / f).is_file() for f in (METRICS, MERGED, ADAPTERS))
 
 
 def subnet_path(cfg: Config) -> Path:
@@ -512,7 +518,7 @@ def run_retrain(cfg: Config, progress: bool = True) -> dict:
         if info["val_acc"] is None:  # top-k without a grid: the candidate was scored at retrain.lr and epochs
             info["val_acc"] = best["val_acc"]
     if dist.is_main():
-        atomic_save_safetensors(out / "adapters.safetensors",
+        atomic_save_safetensors(out / ADAPTERS,
                                 {n: p for n, p in model.named_parameters() if p.requires_grad})
     model.eval()
     x = first_batch(cfg, test_ds).to(device)  # the same batch on every rank, decoded without loader workers
