@@ -70,6 +70,7 @@ def read_summary(cfg: Config) -> dict:
     than reported as this run's. ``summary.json`` is a copy, rewritten by every command; runs made before the
     stage folders kept ``result.json`` fall back on it for the supernet and the search."""
     from .stages.retrain import MERGED, METRICS
+    from .stages.supernet import ADAPTERS as SUPERNET_ADAPTERS
     out = Path(cfg.output_dir)
     old = {}
     if (out / "summary.json").is_file():
@@ -95,7 +96,7 @@ def read_summary(cfg: Config) -> dict:
         elif not res and isinstance(old.get(stage), dict):
             res = old[stage]
         if stage == "supernet" and res:
-            res["adapter_file"] = str(folder / "adapters.safetensors")
+            res["adapter_file"] = str(folder / SUPERNET_ADAPTERS)
         if stage == "search" and res:
             res["subnet_file"] = str(folder / "subnet.yaml")
         if res:
