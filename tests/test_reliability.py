@@ -112,6 +112,16 @@ case("supernet.lr not a number", "expected float", "supernet.lr=1e-3x")
 case("weight_decay<0", "supernet.weight_decay", "supernet.weight_decay=-1")
 case("warmup<0", "retrain.warmup_epochs", "retrain.warmup_epochs=-0.5")
 case("min_lr<0", "retrain.min_lr", "retrain.min_lr=-1")
+case("min_lr above lr", "is above supernet.lr", "supernet.min_lr=1e-2")
+case("min_lr above lr_grid", "smallest of retrain.lr_grid", "retrain.lr_grid=[1e-3, 3e-3]", "retrain.min_lr=2e-3")
+
+
+def dup_key_config(c):
+    (c.tmp / "dup.yaml").write_text("base: tiny\nsupernet:\n  lr: 1.0e-3\n  epochs: 1\n  lr: 1.0e-2\n")
+
+
+case("config key given twice", "key 'lr' is given twice (lines 3 and 5)", setup=dup_key_config,
+     argv=lambda c: ["--config", str(c.tmp / "dup.yaml")] + c.args()[2:])
 case("grad_clip<0", "supernet.grad_clip", "supernet.grad_clip=-1")
 case("head_lr_scale=inf", "supernet.head_lr_scale", "supernet.head_lr_scale=.inf")
 case("threads<0", "threads", "threads=-2")
@@ -290,7 +300,7 @@ def _other_task(data_root: Path) -> None:
 
 
 def test_bad_input_table_size():
-    assert len(BAD_INPUTS) == 114, len(BAD_INPUTS)
+    assert len(BAD_INPUTS) == 117, len(BAD_INPUTS)
 
 
 @pytest.mark.parametrize("sets,setup,argv,fragment", BAD_INPUTS)

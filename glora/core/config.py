@@ -62,7 +62,23 @@ def _wrap(x: Any) -> Any:
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML 1.1 safe loading plus the float forms of YAML 1.2 (``1e-3``, ``5E4``: no dot needed)."""
+    """YAML 1.1 safe loading plus the float forms of YAML 1.2 (``1e-3``, ``5E4``: no dot needed), refusing a key
+    given twice in one mapping (plain YAML keeps the last one silently, so a config would not say what runs)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: the base class reports it
+                break
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    f"key {key!r} is given twice (lines {first + 1} and {key_node.start_mark.line + 1}); keep one",
+                    None, f"found duplicate key {key!r}", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
 
 
 _FLOAT_RE = re.compile(r'''^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
@@ -409,6 +425,12 @@ def validate(cfg: dict) -> None:
             _at_least(f"{sec}.{key}", t[key], 0)
         _at_most(f"{sec}.warmup_epochs", t["warmup_epochs"], 1e6, "a warmup longer than the training only keeps "
                  "every lr below its peak")
+        grid = sec == "retrain" and bool(t["lr_grid"])
+        lrs = list(t["lr_grid"]) if grid else [t["lr"]]
+        if t["min_lr"] > min(lrs):
+            which = "the smallest of retrain.lr_grid" if grid else f"{sec}.lr"
+            raise UserError(f"config key {sec}.min_lr: {t['min_lr']:g} is above {which} ({min(lrs):g}); the cosine "
+                            f"schedule falls from the lr to min_lr, so min_lr must be at most the lr (e.g. 1e-6)")
     _at_least("supernet.grad_clip", cfg["supernet"]["grad_clip"], 0)
     _at_least("supernet.probe_paths", cfg["supernet"]["probe_paths"], 0)
     if not 1 <= cfg["supernet"]["sandwich_paths"] <= 64:
