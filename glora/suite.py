@@ -133,7 +133,8 @@ def write_tables(root: Path, rows: list[dict]) -> None:
             p = r.get(f"{k}_params")
             lbl = f"{p:,}" if p is not None else "-"
             if k == "lora" and r.get("lora_rank"):
-                lbl += f" (r={r['lora_rank']})"
+                over = p is not None and r.get("glora_params") is not None and p > r["glora_params"]
+                lbl += f" (r={r['lora_rank']}{', above GLoRA' if over else ''})"
             cells += [_pct(r.get(f"{k}_test")), lbl]
         cells += [("-" if r.get(f"{s}_s") is None else f"{r[f'{s}_s']:.0f}") for s in STAGE_NAMES]
         cells.append("-" if r.get("lora_s") is None else f"{r['lora_s']:.0f}")

@@ -166,6 +166,29 @@ def test_lora_baseline_takes_the_largest_rank_in_budget():
         assert space.params(sub) == rank * per_rank
 
 
+def test_lora_baseline_above_glora_params_is_labelled(tmp_path, data_root, tiny_run, capsys):
+    """A LoRA baseline with more adapter params than the searched subnet (an explicit retrain.lora_rank here; the
+    automatic rank when even r=1 is above the budget) is not a comparison at equal budget: every label says so."""
+    out = tmp_path / "over"
+    copy_searched(tiny_run, out)
+    args = tiny_args(out, data_root, "retrain.lora_rank=32", "retrain.baselines=[lora]", "retrain.epochs=1")
+    assert run_search.main(args + ["--stage", "retrain"]) == 0
+    m = json.loads((out / "retrain" / "metrics.json").read_text())
+    lora = m["baselines"]["lora"]
+    assert lora["adapter_params"] > m["adapter_params"]  # what this test is about
+    assert lora["label"] == "LoRA r=32 (above GLoRA's params)"
+    assert "LoRA r=32 (above GLoRA's params)" in capsys.readouterr().out
+    assert "WARNING LoRA baseline: r=32 has" in (out / "run.log").read_text()
+    # within the budget (the automatic rank) the label is the plain one
+    out2 = tmp_path / "within"
+    copy_searched(tiny_run, out2)
+    args = tiny_args(out2, data_root, "retrain.baselines=[lora]", "retrain.epochs=1")
+    assert run_search.main(args + ["--stage", "retrain"]) == 0
+    m = json.loads((out2 / "retrain" / "metrics.json").read_text())
+    assert m["baselines"]["lora"]["adapter_params"] <= m["adapter_params"]
+    assert m["baselines"]["lora"]["label"] == f"LoRA r={m['baselines']['lora']['rank']}"
+
+
 def test_lr_chosen_on_val200_for_glora_and_each_baseline(tmp_path, data_root, tiny_run, capsys):
     """retrain.lr_grid: every method trains on train800 per lr, keeps the best val200 score, then trains on
     train800val200; the summary shows GLoRA beside LoRA and head-only."""

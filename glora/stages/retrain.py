@@ -505,7 +505,13 @@ def run_retrain(cfg: Config, progress: bool = True) -> dict:
                 lsub = space.uniform(LayerChoice(B=f"lora_{lora_rank_used}"))
             else:
                 lsub, lora_rank_used = lora_baseline(space, adapter_params)
-            methods.append(Method("lora", f"LoRA r={lora_rank_used}", lsub, "scratch"))
+            label = f"LoRA r={lora_rank_used}"
+            if space.params(lsub) > adapter_params:  # not a comparison at equal budget: say so wherever it shows
+                label += " (above GLoRA's params)"
+                _logger.warning("LoRA baseline: r=%d has %d adapter params, more than the searched subnet's %d, so "
+                                "the comparison is not at equal budget%s", lora_rank_used, space.params(lsub),
+                                adapter_params, "" if cfg.retrain.lora_rank else " (even r=1 is above it)")
+            methods.append(Method("lora", label, lsub, "scratch"))
         elif b == "head":
             methods.append(Method("head", "head only", None, "scratch"))
     if dist.is_main():
