@@ -9,7 +9,7 @@ import logging
 from pathlib import Path
 
 from .core import dist
-from .core.config import load_config
+from .core.config import load_config, parse_set
 from .core.errors import UserError
 from .core.io import atomic_write_text
 
@@ -43,6 +43,11 @@ def task_configs(config: str | None, overrides: list[str], tasks: list[str], see
     ``<output_dir>/<task>/seed<S>`` with the global ``seed`` set to S (``search.seed`` stays as configured)."""
     base = load_config(config, overrides)
     root = Path(base.output_dir)
+    for item in overrides:  # the suite sets these per run: a --set of them would be silently replaced
+        key = ".".join(parse_set(item)[0])
+        if key == "data.task" or (key == "seed" and seeds is not None):
+            flag = "--tasks" if key == "data.task" else "--seeds"
+            raise UserError(f"--set {item!r}: the suite sets {key} for each run from {flag}; give it there instead")
     if seeds is None:
         return root, [load_config(config, list(overrides) + [f"data.task={t}", f"output_dir={root / t}"])
                       for t in tasks]

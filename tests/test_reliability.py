@@ -120,6 +120,12 @@ def dup_key_config(c):
     (c.tmp / "dup.yaml").write_text("base: tiny\nsupernet:\n  lr: 1.0e-3\n  epochs: 1\n  lr: 1.0e-2\n")
 
 
+case("suite --set data.task under --tasks", "sets data.task for each run from --tasks",
+     argv=lambda c: ["suite", "--config", "tiny", "--tasks", "mnist", "--set", "data.task=dsprites_loc",
+                     "--set", f"output_dir={c.run}"])
+case("suite --set seed under --seeds", "sets seed for each run from --seeds",
+     argv=lambda c: ["suite", "--config", "tiny", "--tasks", "mnist", "--seeds", "0,1", "--set", " seed = 4",
+                     "--set", f"output_dir={c.run}"])
 case("config key given twice", "key 'lr' is given twice (lines 3 and 5)", setup=dup_key_config,
      argv=lambda c: ["--config", str(c.tmp / "dup.yaml")] + c.args()[2:])
 case("grad_clip<0", "supernet.grad_clip", "supernet.grad_clip=-1")
@@ -300,7 +306,7 @@ def _other_task(data_root: Path) -> None:
 
 
 def test_bad_input_table_size():
-    assert len(BAD_INPUTS) == 117, len(BAD_INPUTS)
+    assert len(BAD_INPUTS) == 119, len(BAD_INPUTS)
 
 
 @pytest.mark.parametrize("sets,setup,argv,fragment", BAD_INPUTS)
