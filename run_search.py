@@ -92,16 +92,17 @@ def cmd_run(argv: list[str]) -> int:
     from glora.preflight import preflight
     with dist.together():  # a rank that refuses the command stops every rank
         preflight(cfg, stages)  # nothing is written before the command is accepted
-    setup_logging(out)
-    if dist.is_main():
-        dump_config(cfg, out / "config.yaml")
-        _logger.info("config resolved and written to %s", out / "config.yaml")
-    check_shared_output(out)
-    if dist.world_size() > 1:
-        _logger.info("data parallel: %d processes (%s), global batch %d", dist.world_size(), dist.backend(),
-                     cfg.data.batch_size)
-    from glora.pipeline import run_stages
-    run_stages(cfg, stages, progress=not args.no_progress and dist.is_main(), skip_complete=args.stage == "all")
+    from glora.pipeline import hold_output, run_stages
+    with hold_output(out):  # no second command works in this folder meanwhile
+        setup_logging(out)
+        if dist.is_main():
+            dump_config(cfg, out / "config.yaml")
+            _logger.info("config resolved and written to %s", out / "config.yaml")
+        check_shared_output(out)
+        if dist.world_size() > 1:
+            _logger.info("data parallel: %d processes (%s), global batch %d", dist.world_size(), dist.backend(),
+                         cfg.data.batch_size)
+        run_stages(cfg, stages, progress=not args.no_progress and dist.is_main(), skip_complete=args.stage == "all")
     return 0
 
 

@@ -1,8 +1,11 @@
 """Run the stages of a config in turn, skipping finished ones, and summarise."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import socket
 import time
 from pathlib import Path
 
@@ -11,6 +14,11 @@ from .core.config import Config
 from .core.io import atomic_write_json
 from .core.errors import UserError
 from .preflight import SETTINGS, STAGES, check_stage_settings, forget_settings, record_settings, stage_folder
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: runs there are not locked
+    fcntl = None
 
 _logger = logging.getLogger("glora")
 
@@ -27,6 +35,37 @@ def _stage_fns():
 
 
 RESULT = "result.json"  # in each stage folder: what the stage returned, with its time
+LOCK = ".lock"  # in output_dir: held (flock) by the command that runs stages there
+
+
+@contextlib.contextmanager
+def hold_output(out: Path):
+    """Run the block as the only command working in ``out``: a second command started on the same folder while
+    the first runs (two terminals, two suites sharing a task) stops with a one-line error instead of training the
+    same stages beside it. The lock is the OS's (``flock``): it goes with the process, so a killed run leaves
+    nothing to clean up. Under torchrun rank 0 holds it for every rank."""
+    fh = None
+    with dist.together():
+        if dist.is_main() and fcntl is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            fh = open(out / LOCK, "a+", encoding="utf-8")
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                fh.seek(0)
+                owner = fh.read().strip()
+                fh.close()
+                raise UserError(f"output_dir {out} is in use by another command ({owner or 'holder unknown'}); "
+                                f"wait for it to end, or give this one another output_dir") from None
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+            fh.flush()
+    try:
+        yield
+    finally:
+        if fh is not None:
+            fh.close()  # releases the lock; the file stays (removing it would race a command waiting on it)
 
 
 def run_stages(cfg: Config, stages, progress: bool = True, skip_complete: bool = True) -> dict:

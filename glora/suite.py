@@ -58,17 +58,17 @@ def task_configs(config: str | None, overrides: list[str], tasks: list[str], see
 
 def run_suite(config: str | None, overrides: list[str], tasks: list[str], progress: bool = True,
               seeds: list[int] | None = None) -> list[dict]:
-    from .pipeline import run_stages
+    from .pipeline import hold_output, run_stages
     root, cfgs = task_configs(config, overrides, tasks, seeds)
     rows = []
     for i, cfg in enumerate(cfgs):
         what = cfg.data.task if seeds is None else f"{cfg.data.task} seed {cfg.seed}"
         _logger.info("suite: task %s (%d/%d) into %s", what, i + 1, len(cfgs), cfg.output_dir)
         from .core.config import dump_config
-        if dist.is_main():  # under torchrun rank 0 writes, every rank runs the stages
-            Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-            dump_config(cfg, Path(cfg.output_dir) / "config.yaml")
-        summary = run_stages(cfg, STAGE_NAMES, progress=progress, skip_complete=True)
+        with hold_output(Path(cfg.output_dir)):  # no other command works in this task's folder meanwhile
+            if dist.is_main():  # under torchrun rank 0 writes, every rank runs the stages
+                dump_config(cfg, Path(cfg.output_dir) / "config.yaml")
+            summary = run_stages(cfg, STAGE_NAMES, progress=progress, skip_complete=True)
         rows.append(task_row(cfg.data.task, summary, None if seeds is None else cfg.seed))
         if dist.is_main():
             write_tables(root, rows)  # after every task, so a long suite stopped early keeps its table

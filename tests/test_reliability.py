@@ -8,6 +8,7 @@ import os
 import pickle
 import shutil
 import stat
+import sys
 import time
 from pathlib import Path
 
@@ -27,8 +28,10 @@ def copy_run(finished_run, tmp_path) -> Path:
 
 
 def snapshot(folder: Path) -> dict:
+    """Every file of a run with its bytes and mode, but the lock file: a command accepted by preflight takes
+    the folder's lock (writing its pid there) before it can fail on later checks, and that file holds no result."""
     return {str(p.relative_to(folder)): (p.read_bytes(), stat.S_IMODE(p.stat().st_mode))
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.relative_to(folder) != Path(".lock")}
 
 
 def one_line_error(r, fragment=""):
@@ -661,3 +664,26 @@ def test_a_stage_failing_before_it_writes_leaves_its_folder_free(data_root, tmp_
     with pytest.raises(UserError):
         pipeline.run_stages(cfg, ["supernet"], progress=False)
     assert (out / "supernet" / "settings.json").is_file()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="flock is POSIX")
+def test_a_second_command_in_a_busy_folder_is_refused(finished_run, data_root, tmp_path, cli):
+    """While one command works in output_dir (its lock held), a second one on the same folder, a run or a suite
+    reaching that task, stops in one line and changes nothing; once the first ends, the same command runs."""
+    import fcntl
+    run = tmp_path / "dsprites_loc"  # also the suite's folder of that task under output_dir=tmp_path
+    shutil.copytree(finished_run, run)
+    suite = ["suite", "--config", "tiny", "--no-progress", "--tasks", "dsprites_loc", "--set", f"output_dir={tmp_path}",
+             "--set", f"data.root={data_root}"]
+    with open(run / ".lock", "a+") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        holder.write("pid 12345 on elsewhere\n")
+        holder.flush()
+        before = snapshot(run)
+        line = one_line_error(cli(*tiny_args(run, data_root)), f"output_dir {run} is in use by another command")
+        assert "pid 12345 on elsewhere" in line
+        one_line_error(cli(*suite), f"output_dir {run} is in use by another command")
+        assert snapshot(run) == before
+    r = cli(*tiny_args(run, data_root))  # the lock went with its holder
+    assert r.returncode == 0, r.stderr
+    assert f"pid {os.getpid()} " in (run / ".lock").read_text()
