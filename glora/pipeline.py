@@ -51,12 +51,15 @@ def hold_output(out: Path):
             fh = open(out / LOCK, "a+", encoding="utf-8")
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
+            except BlockingIOError:
                 fh.seek(0)
                 owner = fh.read().strip()
                 fh.close()
                 raise UserError(f"output_dir {out} is in use by another command ({owner or 'holder unknown'}); "
                                 f"wait for it to end, or give this one another output_dir") from None
+            except OSError as e:  # a file system without locks (some network mounts): run, unguarded
+                _logger.warning("output_dir %s cannot be locked (%s): nothing stops a second command working "
+                                "in it meanwhile", out, e.strerror or e)
             fh.seek(0)
             fh.truncate()
             fh.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
