@@ -18,7 +18,7 @@ from typing import Any, Iterable
 
 from .core.config import Config
 from .core.errors import UserError
-from .core.io import atomic_write_json
+from .core.io import atomic_write_json, is_partial_write
 
 _logger = logging.getLogger("glora")
 
@@ -135,8 +135,10 @@ def forget_settings(cfg: Config, stage: str) -> None:
     device that is not there): the corrected command then finds the folder free, not made with the bad value."""
     folder = stage_folder(cfg, stage)
     try:
-        if [p.name for p in folder.iterdir()] == [SETTINGS]:
-            (folder / SETTINGS).unlink()
+        left = [p for p in folder.iterdir() if not is_partial_write(p)]
+        if [p.name for p in left] == [SETTINGS]:
+            for p in folder.iterdir():
+                p.unlink()
             folder.rmdir()
     except OSError:
         pass
@@ -171,7 +173,8 @@ def check_stage_settings(cfg: Config, stage: str) -> None:
     path = folder / SETTINGS
     fix = f"delete {folder} to run the {stage} stage again, or use another output_dir"
     if not path.is_file():
-        if any(folder.iterdir()):
+        # a run killed while writing its settings record leaves only that write's temporary file: nothing ran
+        if any(not is_partial_write(p) for p in folder.iterdir()):
             raise UserError(f"{folder} holds files but no {SETTINGS} saying what settings made them (an older "
                             f"version, or files put there by hand); {fix}")
         return

@@ -687,3 +687,18 @@ def test_a_second_command_in_a_busy_folder_is_refused(finished_run, data_root, t
     r = cli(*tiny_args(run, data_root))  # the lock went with its holder
     assert r.returncode == 0, r.stderr
     assert f"pid {os.getpid()} " in (run / ".lock").read_text()
+
+
+def test_a_run_killed_while_writing_its_first_record_leaves_a_usable_folder(data_root, tmp_path, cli):
+    """Killed inside the first atomic write of a stage (its settings record): the folder holds only that write's
+    temporary file. The same command then runs; a folder with any other file and no record is still refused."""
+    out = tmp_path / "run"
+    (out / "supernet").mkdir(parents=True)
+    (out / "supernet" / ".settings.json.k3x9q.tmp").write_text('{"stage": "sup')  # half a record, never renamed
+    r = cli(*tiny_args(out, data_root))
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "supernet" / "settings.json").read_text())["stage"] == "supernet"
+    other = tmp_path / "other"
+    (other / "supernet").mkdir(parents=True)
+    (other / "supernet" / "notes.tmp").write_text("by hand")  # not an atomic write's temporary file
+    one_line_error(cli(*tiny_args(other, data_root)), "no settings.json")

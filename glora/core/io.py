@@ -33,11 +33,19 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+TMP_SUFFIX = ".tmp"
+
+
+def is_partial_write(p: Path) -> bool:
+    """A temporary file of :func:`atomic_write` (``.<name>.<random>.tmp``) left by a process killed mid-write."""
+    return p.is_file() and p.name.startswith(".") and p.name.endswith(TMP_SUFFIX)
+
+
 def atomic_write(path: str | os.PathLike, write_fn: Callable[[str], None]) -> None:
     """Call ``write_fn(tmp_path)`` and rename the temporary file onto ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     os.close(fd)
     try:
         os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp creates 0600
