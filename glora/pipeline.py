@@ -235,5 +235,6 @@ def print_summary(cfg: Config, summary: dict) -> None:
                      f"(max |merged - unmerged| logit {r['merge_max_abs_diff']:.2e} in fp32"
                      + (f", {r['merge_max_abs_diff_fp64']:.1e} in float64)" if r.get("merge_max_abs_diff_fp64")
                         is not None else ")"))
-    lines.append(f"  files: {out}/{{config.yaml, supernet/, search/, {cfg.retrain.dir}/, summary.json}}")
+    names = [n for n in ("config.yaml", "supernet/", "search/", f"{cfg.retrain.dir}/") if (out / n).exists()]
+    lines.append(f"  files: {out}/{{{', '.join(names + ['summary.json'])}}}")  # what this run has made so far
     print("\n".join(lines))

@@ -372,7 +372,8 @@ def check_checkpoint_path(cfg: Config) -> None:
     if ck and not ck.startswith("offline:"):
         path = Path(ck).expanduser()
         if not path.is_file():
-            raise UserError(f"model.checkpoint: {path} not found; expected a .npz, .pth/.pt or .safetensors file "
+            what = "is a folder" if path.is_dir() else "not found"
+            raise UserError(f"model.checkpoint: {path} {what}; expected a .npz, .pth/.pt or .safetensors file "
                             "or offline:NAME")
 
 

@@ -171,7 +171,8 @@ case("unknown choice in choices_b", "unknown choice 'bogus'", "glora.choices_b=[
 case("choices_d empty", "glora.choices_d", "glora.choices_d=[]")
 case("lora in choices_e", "not valid for tensor E", "glora.choices_e=[lora]")
 case("infeasible budget", "infeasible", "search.min_params_m=40", "search.max_params_m=50")
-case("checkpoint file missing", "model.checkpoint", "model.checkpoint=/nonexistent/ViT-B_16.npz")
+case("checkpoint file missing", "/nonexistent/ViT-B_16.npz not found", "model.checkpoint=/nonexistent/ViT-B_16.npz")
+case("checkpoint is a folder", "is a folder; expected a .npz", argv=lambda c: c.args(f"model.checkpoint={c.tmp}"))
 case("supernet log damaged mid-file", "log.jsonl:1", setup=lambda c: (c.run / "supernet" / "log.jsonl").write_text(
     "{oops\n" + (c.run / "supernet" / "log.jsonl").read_text()))
 case("pretrained offline", "model.pretrained",
@@ -309,7 +310,7 @@ def _other_task(data_root: Path) -> None:
 
 
 def test_bad_input_table_size():
-    assert len(BAD_INPUTS) == 119, len(BAD_INPUTS)
+    assert len(BAD_INPUTS) == 120, len(BAD_INPUTS)
 
 
 @pytest.mark.parametrize("sets,setup,argv,fragment", BAD_INPUTS)
@@ -702,3 +703,10 @@ def test_a_run_killed_while_writing_its_first_record_leaves_a_usable_folder(data
     (other / "supernet").mkdir(parents=True)
     (other / "supernet" / "notes.tmp").write_text("by hand")  # not an atomic write's temporary file
     one_line_error(cli(*tiny_args(other, data_root)), "no settings.json")
+
+
+def test_summary_lists_only_the_files_the_run_has(data_root, tmp_path, cli):
+    out = tmp_path / "run"
+    r = cli(*tiny_args(out, data_root), "--stage", "supernet")
+    assert r.returncode == 0, r.stderr
+    assert f"files: {out}/{{config.yaml, supernet/, summary.json}}" in r.stdout

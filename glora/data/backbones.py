@@ -128,7 +128,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a checkpoint file into a flat ``name -> tensor`` dict (npz converted to timm ViT names)."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"model.checkpoint: {path} not found; expected a .npz, .pth/.pt or .safetensors file "
+        what = "is a folder" if path.is_dir() else "not found"
+        raise UserError(f"model.checkpoint: {path} {what}; expected a .npz, .pth/.pt or .safetensors file "
                         f"or offline:NAME ({', '.join(OFFLINE_CHECKPOINTS)})")
     suffix = path.suffix.lower()
     try:
