@@ -89,8 +89,10 @@ def cmd_run(argv: list[str]) -> int:
     dist.init(cfg.device, cfg.data.batch_size)  # under torchrun: join the job (nothing without it)
     out = Path(cfg.output_dir)
     stages = STAGES if args.stage == "all" else (args.stage,)
+    from glora.pipeline import check_not_busy
     from glora.preflight import preflight
     with dist.together():  # a rank that refuses the command stops every rank
+        check_not_busy(out)  # another command working in the folder: say so before judging its files
         preflight(cfg, stages)  # nothing is written before the command is accepted
     from glora.pipeline import hold_output, run_stages
     with hold_output(out):  # no second command works in this folder meanwhile

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import socket
+import stat
 import time
 from pathlib import Path
 
@@ -38,37 +39,74 @@ RESULT = "result.json"  # in each stage folder: what the stage returned, with it
 LOCK = ".lock"  # in output_dir: held (flock) by the command that runs stages there
 
 
+def _open_lock(out: Path, create: bool) -> int | None:
+    """The lock file's descriptor (never through a link: a ``.lock`` pointing at a result must not be written),
+    or None when it is not there and ``create`` is false."""
+    path = out / LOCK
+    flags = (os.O_RDWR | os.O_CREAT if create else os.O_RDONLY) | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags, 0o666)
+    except FileNotFoundError:
+        if create:
+            raise
+        return None
+    except OSError as e:
+        if path.is_symlink() or path.is_dir():
+            raise UserError(f"{path} is not a plain file (a link or a folder); the tool keeps its lock there: "
+                            "remove it and run again") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UserError(f"{path} is not a plain file; the tool keeps its lock there: remove it and run again")
+    return fd
+
+
+def _busy(fd: int, out: Path, shared: bool) -> None:
+    """Take the lock on ``fd`` or stop with the holder named; a file system without locks lets the run go on."""
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        owner = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+        os.close(fd)
+        raise UserError(f"output_dir {out} is in use by another command ({owner or 'holder unknown'}); "
+                        f"wait for it to end, or give this one another output_dir") from None
+    except OSError as e:  # some network mounts: run, unguarded
+        _logger.warning("output_dir %s cannot be locked (%s): nothing stops a second command working in it "
+                        "meanwhile", out, e.strerror or e)
+
+
+def check_not_busy(out: Path) -> None:
+    """Refuse a folder another command is working in, writing nothing: run before the checks of its contents,
+    so a busy folder is reported as busy, never as made with other settings (with advice to delete it)."""
+    if fcntl is None or not dist.is_main() or not out.is_dir():
+        return
+    fd = _open_lock(out, create=False)
+    if fd is not None:
+        _busy(fd, out, shared=True)
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def hold_output(out: Path):
     """Run the block as the only command working in ``out``: a second command started on the same folder while
-    the first runs (two terminals, two suites sharing a task) stops with a one-line error instead of training the
+    the first runs (two terminals, two suites on one folder) stops with a one-line error instead of training the
     same stages beside it. The lock is the OS's (``flock``): it goes with the process, so a killed run leaves
     nothing to clean up. Under torchrun rank 0 holds it for every rank."""
-    fh = None
+    fd = None
     with dist.together():
         if dist.is_main() and fcntl is not None:
             out.mkdir(parents=True, exist_ok=True)
-            fh = open(out / LOCK, "a+", encoding="utf-8")
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                fh.seek(0)
-                owner = fh.read().strip()
-                fh.close()
-                raise UserError(f"output_dir {out} is in use by another command ({owner or 'holder unknown'}); "
-                                f"wait for it to end, or give this one another output_dir") from None
-            except OSError as e:  # a file system without locks (some network mounts): run, unguarded
-                _logger.warning("output_dir %s cannot be locked (%s): nothing stops a second command working "
-                                "in it meanwhile", out, e.strerror or e)
-            fh.seek(0)
-            fh.truncate()
-            fh.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-            fh.flush()
+            fd = _open_lock(out, create=True)
+            _busy(fd, out, shared=False)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since "
+                          f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
     try:
         yield
     finally:
-        if fh is not None:
-            fh.close()  # releases the lock; the file stays (removing it would race a command waiting on it)
+        if fd is not None:
+            os.ftruncate(fd, 0)  # an empty lock file: nobody holds it
+            os.close(fd)  # releases the lock; the file stays (removing it would race a command opening it)
 
 
 def run_stages(cfg: Config, stages, progress: bool = True, skip_complete: bool = True) -> dict:

@@ -44,7 +44,10 @@ def task_configs(config: str | None, overrides: list[str], tasks: list[str], see
     base = load_config(config, overrides)
     root = Path(base.output_dir)
     for item in overrides:  # the suite sets these per run: a --set of them would be silently replaced
-        key = ".".join(parse_set(item)[0])
+        parts, value = parse_set(item)
+        key = ".".join(parts)
+        if key == "data" and isinstance(value, dict) and "task" in value:  # --set 'data={task: x, ...}'
+            key = "data.task"
         if key == "data.task" or (key == "seed" and seeds is not None):
             flag = "--tasks" if key == "data.task" else "--seeds"
             raise UserError(f"--set {item!r}: the suite sets {key} for each run from {flag}; give it there instead")
@@ -58,8 +61,14 @@ def task_configs(config: str | None, overrides: list[str], tasks: list[str], see
 
 def run_suite(config: str | None, overrides: list[str], tasks: list[str], progress: bool = True,
               seeds: list[int] | None = None) -> list[dict]:
-    from .pipeline import hold_output, run_stages
+    from .pipeline import hold_output
     root, cfgs = task_configs(config, overrides, tasks, seeds)
+    with hold_output(root):  # one suite at a time writes this folder's suite.md and suite.csv
+        return _run_tasks(root, cfgs, progress, seeds)
+
+
+def _run_tasks(root: Path, cfgs: list, progress: bool, seeds: list[int] | None) -> list[dict]:
+    from .pipeline import hold_output, run_stages
     rows = []
     for i, cfg in enumerate(cfgs):
         what = cfg.data.task if seeds is None else f"{cfg.data.task} seed {cfg.seed}"

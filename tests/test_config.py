@@ -204,3 +204,17 @@ def test_choices_d_and_e_reach_the_supernet_space():
                                "glora.choices_e=[scalar]"])
     net = GloraSupernet(timm.create_model(cfg.model.name, num_classes=3, **cfg.model.kwargs), **glora_options(cfg.glora))
     assert net.space.tensor_options["D"] == ("none",) and net.space.tensor_options["E"] == ("scalar",)
+
+
+def test_a_key_given_twice_is_refused_but_yaml_merge_keys_still_override(tmp_path):
+    """A key twice in one mapping would run with the last one unseen: refused with both lines. A YAML merge
+    (``<<: *anchor``) followed by the same key is an override on purpose and stays allowed."""
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("base: tiny\nretrain:\n  lr: 1.0e-3\n  epochs: 2\n  lr: 3.0e-3\n")
+    with pytest.raises(UserError, match=r"key 'lr' is given twice \(lines 3 and 5\)"):
+        load_config(str(twice))
+    merged = tmp_path / "merged.yaml"
+    merged.write_text("base: tiny\nsupernet: &common {lr: 2.0e-3, epochs: 3}\nretrain:\n  <<: *common\n  lr: 4.0e-3\n")
+    cfg = load_config(str(merged))
+    assert (cfg.supernet.lr, cfg.supernet.epochs) == (2e-3, 3)
+    assert (cfg.retrain.lr, cfg.retrain.epochs) == (4e-3, 3)

@@ -129,6 +129,18 @@ case("suite --set data.task under --tasks", "sets data.task for each run from --
 case("suite --set seed under --seeds", "sets seed for each run from --seeds",
      argv=lambda c: ["suite", "--config", "tiny", "--tasks", "mnist", "--seeds", "0,1", "--set", " seed = 4",
                      "--set", f"output_dir={c.run}"])
+case("suite --set data={task: ...} under --tasks", "sets data.task for each run from --tasks",
+     argv=lambda c: ["suite", "--config", "tiny", "--tasks", "mnist", "--set", "data={task: dsprites_loc}",
+                     "--set", f"output_dir={c.run}"])
+case("--set mapping with a key twice", "key 'img_size' is given twice",
+     "model.kwargs={img_size: 32, img_size: 64}")
+case("retrain.dir hidden", "retrain.dir: '.lock' must be a plain folder name, not hidden", "retrain.dir=.lock")
+def lock_link(c):
+    (c.run / ".lock").unlink(missing_ok=True)
+    (c.run / ".lock").symlink_to("search/subnet.yaml")
+
+
+case(".lock a link to a result", "is not a plain file", setup=lock_link)
 case("config key given twice", "key 'lr' is given twice (lines 3 and 5)", setup=dup_key_config,
      argv=lambda c: ["--config", str(c.tmp / "dup.yaml")] + c.args()[2:])
 case("grad_clip<0", "supernet.grad_clip", "supernet.grad_clip=-1")
@@ -310,7 +322,7 @@ def _other_task(data_root: Path) -> None:
 
 
 def test_bad_input_table_size():
-    assert len(BAD_INPUTS) == 120, len(BAD_INPUTS)
+    assert len(BAD_INPUTS) == 124, len(BAD_INPUTS)
 
 
 @pytest.mark.parametrize("sets,setup,argv,fragment", BAD_INPUTS)
@@ -683,11 +695,17 @@ def test_a_second_command_in_a_busy_folder_is_refused(finished_run, data_root, t
         before = snapshot(run)
         line = one_line_error(cli(*tiny_args(run, data_root)), f"output_dir {run} is in use by another command")
         assert "pid 12345 on elsewhere" in line
+        # other settings: still "in use", never "made with other settings ... delete it"
+        one_line_error(cli(*tiny_args(run, data_root, "supernet.lr=3e-3")), "is in use by another command")
         one_line_error(cli(*suite), f"output_dir {run} is in use by another command")
         assert snapshot(run) == before
+    with open(tmp_path / ".lock", "a+") as holder:  # a suite working in the suite folder: a second one waits
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        one_line_error(cli(*suite), f"output_dir {tmp_path} is in use by another command")
+        assert not (tmp_path / "suite.md").exists()
     r = cli(*tiny_args(run, data_root))  # the lock went with its holder
     assert r.returncode == 0, r.stderr
-    assert f"pid {os.getpid()} " in (run / ".lock").read_text()
+    assert (run / ".lock").read_text() == ""  # emptied when its command ended
 
 
 def test_a_run_killed_while_writing_its_first_record_leaves_a_usable_folder(data_root, tmp_path, cli):
@@ -695,13 +713,13 @@ def test_a_run_killed_while_writing_its_first_record_leaves_a_usable_folder(data
     temporary file. The same command then runs; a folder with any other file and no record is still refused."""
     out = tmp_path / "run"
     (out / "supernet").mkdir(parents=True)
-    (out / "supernet" / ".settings.json.k3x9q.tmp").write_text('{"stage": "sup')  # half a record, never renamed
+    (out / "supernet" / ".settings.json.k3x9q2ab.tmp").write_text('{"stage": "sup')  # half a record, never renamed
     r = cli(*tiny_args(out, data_root))
     assert r.returncode == 0, r.stderr
     assert json.loads((out / "supernet" / "settings.json").read_text())["stage"] == "supernet"
     other = tmp_path / "other"
     (other / "supernet").mkdir(parents=True)
-    (other / "supernet" / "notes.tmp").write_text("by hand")  # not an atomic write's temporary file
+    (other / "supernet" / ".notes.tmp").write_text("by hand")  # hidden and .tmp, but not an atomic write's
     one_line_error(cli(*tiny_args(other, data_root)), "no settings.json")
 
 

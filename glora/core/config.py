@@ -68,17 +68,23 @@ class _Loader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # ``<<: *base``: its keys may be overridden here
+                continue
             key = self.construct_object(key_node, deep=True)
             try:
                 first = seen.get(key)
             except TypeError:  # an unhashable key: the base class reports it
                 break
             if first is not None:
-                raise yaml.constructor.ConstructorError(
+                raise DuplicateKeyError(
                     f"key {key!r} is given twice (lines {first + 1} and {key_node.start_mark.line + 1}); keep one",
                     None, f"found duplicate key {key!r}", key_node.start_mark)
             seen[key] = key_node.start_mark.line
         return super().construct_mapping(node, deep=deep)
+
+
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A mapping names one key twice."""
 
 
 _FLOAT_RE = re.compile(r'''^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
@@ -260,6 +266,8 @@ def parse_set(item: str) -> tuple[list[str], Any]:
         raise UserError(f"--set {item!r}: empty key")
     try:
         value = yaml_load(raw) if raw.strip() else ""
+    except DuplicateKeyError as e:
+        raise UserError(f"--set {item!r}: {str(e).splitlines()[0].split(' (lines')[0]}; keep one") from None
     except yaml.YAMLError:
         value = raw
     return key.split("."), value
@@ -366,8 +374,9 @@ def validate(cfg: dict) -> None:
         raise UserError(f"config key data.on_device: {d['on_device']!r} is not one of auto, true, false")
     r = cfg["retrain"]
     rd = r["dir"]
-    if not rd or "/" in rd or "\\" in rd or rd in (".", "..", "supernet", "search"):
-        raise UserError(f"config key retrain.dir: {rd!r} must be a plain folder name other than supernet, search")
+    if not rd or "/" in rd or "\\" in rd or rd.startswith(".") or rd in ("supernet", "search"):
+        raise UserError(f"config key retrain.dir: {rd!r} must be a plain folder name, not hidden (no leading dot), "
+                        "other than supernet, search")
     _one_of("retrain.init", r["init"], ["supernet", "scratch"])
     _one_of("retrain.select_by", r["select_by"], ["top1", "loss"])
     for b in cfg["retrain"]["baselines"]:

@@ -5,6 +5,7 @@ A new file gets the mode any other file the user creates gets (``0666`` less the
 """
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -36,9 +37,12 @@ def _fsync_dir(folder: Path) -> None:
 TMP_SUFFIX = ".tmp"
 
 
+_PARTIAL_RE = re.compile(r"^\..+\.[a-z0-9_]{8}" + re.escape(TMP_SUFFIX) + "$")  # mkstemp's 8 random characters
+
+
 def is_partial_write(p: Path) -> bool:
-    """A temporary file of :func:`atomic_write` (``.<name>.<random>.tmp``) left by a process killed mid-write."""
-    return p.is_file() and p.name.startswith(".") and p.name.endswith(TMP_SUFFIX)
+    """A temporary file of :func:`atomic_write` (``.<name>.<8 random>.tmp``) left by a process killed mid-write."""
+    return bool(_PARTIAL_RE.match(p.name)) and p.is_file() and not p.is_symlink()
 
 
 def atomic_write(path: str | os.PathLike, write_fn: Callable[[str], None]) -> None:
