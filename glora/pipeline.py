@@ -241,13 +241,14 @@ def print_summary(cfg: Config, summary: dict) -> None:
         rows = comparison_rows(summary)
         lines.append("")
         ep_col = bool(r.get("epochs_grid"))  # the epochs column only when the run chose them too
-        lines.append(f"  {'method':<18} {'adapter params':>14} {'lr':>8} " + (f"{'epochs':>6} " if ep_col else "")
+        w = max([18] + [len(row["method"]) for row in rows])  # a long label ("... above GLoRA's params") widens it
+        lines.append(f"  {'method':<{w}} {'adapter params':>14} {'lr':>8} " + (f"{'epochs':>6} " if ep_col else "")
                      + f"{'val200':>7} {'test top-1':>10} {'time':>9}")
         for row in rows:
             lr = f"{row['lr']:.0e}" if row["lr"] is not None else "-"
             ep = (f"{row['epochs'] if row['epochs'] is not None else '-':>6} " if ep_col else "")
             val = f"{row['val_acc']:.4f}" if row["val_acc"] is not None else "-"
-            lines.append(f"  {row['method']:<18} {row['adapter_params']:>14,} {lr:>8} {ep}{val:>7} "
+            lines.append(f"  {row['method']:<{w}} {row['adapter_params']:>14,} {lr:>8} {ep}{val:>7} "
                          f"{row['test_acc']:>10.4f} {row['time_s']:>7.1f} s")
         baselines = r.get("baselines") or {}
         for name, info in [("GLoRA (searched)", r)] + [

@@ -177,7 +177,11 @@ def test_lora_baseline_above_glora_params_is_labelled(tmp_path, data_root, tiny_
     lora = m["baselines"]["lora"]
     assert lora["adapter_params"] > m["adapter_params"]  # what this test is about
     assert lora["label"] == "LoRA r=32 (above GLoRA's params)"
-    assert "LoRA r=32 (above GLoRA's params)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "LoRA r=32 (above GLoRA's params)" in printed
+    table = [ln for ln in printed.splitlines() if ln.startswith("  method") or ln.startswith("  GLoRA (searched)")
+             or ln.startswith("  LoRA r=32")]
+    assert len(table) == 3 and len({len(ln) for ln in table}) == 1, table  # the columns stay in line
     assert "WARNING LoRA baseline: r=32 has" in (out / "run.log").read_text()
     # within the budget (the automatic rank) the label is the plain one
     out2 = tmp_path / "within"
