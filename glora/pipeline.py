@@ -44,20 +44,21 @@ def _open_lock(out: Path, create: bool) -> int | None:
     or None when it is not there and ``create`` is false."""
     path = out / LOCK
     flags = (os.O_RDWR | os.O_CREAT if create else os.O_RDONLY) | getattr(os, "O_NOFOLLOW", 0)
+    fd = None
     try:
         fd = os.open(path, flags, 0o666)
     except FileNotFoundError:
         if create:
             raise
         return None
-    except OSError as e:
-        if path.is_symlink() or path.is_dir():
-            raise UserError(f"{path} is not a plain file (a link or a folder); the tool keeps its lock there: "
-                            "remove it and run again") from None
-        raise
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise UserError(f"{path} is not a plain file; the tool keeps its lock there: remove it and run again")
+    except OSError:
+        if not (path.is_symlink() or path.is_dir()):
+            raise
+    if fd is None or not stat.S_ISREG(os.fstat(fd).st_mode):
+        if fd is not None:
+            os.close(fd)
+        raise UserError(f"{path} is not a plain file (a link, a folder); the tool keeps its lock there: remove it "
+                        "and run again")
     return fd
 
 
