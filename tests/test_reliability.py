@@ -123,6 +123,10 @@ def dup_key_config(c):
     (c.tmp / "dup.yaml").write_text("base: tiny\nsupernet:\n  lr: 1.0e-3\n  epochs: 1\n  lr: 1.0e-2\n")
 
 
+def list_key_config(c):
+    (c.tmp / "listkey.yaml").write_text("base: tiny\nsupernet:\n  ? [lr, epochs]\n  : 1\n")
+
+
 case("suite --set data.task under --tasks", "sets data.task for each run from --tasks",
      argv=lambda c: ["suite", "--config", "tiny", "--tasks", "mnist", "--set", "data.task=dsprites_loc",
                      "--set", f"output_dir={c.run}"])
@@ -143,6 +147,8 @@ def lock_link(c):
 case(".lock a link to a result", "is not a plain file", setup=lock_link)
 case("config key given twice", "key 'lr' is given twice (lines 3 and 5)", setup=dup_key_config,
      argv=lambda c: ["--config", str(c.tmp / "dup.yaml")] + c.args()[2:])
+case("config key a list", "found unhashable key at line 3", setup=list_key_config,
+     argv=lambda c: ["--config", str(c.tmp / "listkey.yaml")] + c.args()[2:])
 case("grad_clip<0", "supernet.grad_clip", "supernet.grad_clip=-1")
 case("head_lr_scale=inf", "supernet.head_lr_scale", "supernet.head_lr_scale=.inf")
 case("threads<0", "threads", "threads=-2")

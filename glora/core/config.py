@@ -211,11 +211,22 @@ def _config_names() -> str:
     return ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
 
 
+def _yaml_reason(e: yaml.YAMLError) -> str:
+    """What is wrong and where, in one line: PyYAML's first line is often only the context ("while constructing a
+    mapping"), its problem ("found unhashable key") on a later one."""
+    if isinstance(e, DuplicateKeyError):
+        return e.context
+    problem, mark = getattr(e, "problem", None), getattr(e, "problem_mark", None)
+    if problem:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
+    return str(e).splitlines()[0]
+
+
 def _read_config_file(path: Path) -> Any:
     try:
         return yaml_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raise UserError(f"{path}: not valid YAML ({_yaml_reason(e)})") from None
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: cannot read it as a UTF-8 text file ({e})") from None
 
