@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .core import dist
 from .core.config import Config
-from .core.io import atomic_write_json
+from .core.io import atomic_write_json, is_partial_write
 from .core.errors import UserError
 from .preflight import SETTINGS, STAGES, check_stage_settings, forget_settings, record_settings, stage_folder
 
@@ -62,18 +62,47 @@ def _open_lock(out: Path, create: bool) -> int | None:
     return fd
 
 
-def _busy(fd: int, out: Path, shared: bool) -> None:
-    """Take the lock on ``fd`` or stop with the holder named; a file system without locks lets the run go on."""
+_UNLOCKABLE: set[str] = set()  # folders already warned about
+
+
+def _busy(fd: int, out: Path, shared: bool) -> bool:
+    """Take the lock on ``fd`` (True) or stop with the holder named; a file system without locks lets the run go
+    on unguarded (False)."""
     try:
         fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        return True
     except BlockingIOError:
         owner = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
         os.close(fd)
         raise UserError(f"output_dir {out} is in use by another command ({owner or 'holder unknown'}); "
                         f"wait for it to end, or give this one another output_dir") from None
     except OSError as e:  # some network mounts: run, unguarded
+        if str(out) in _UNLOCKABLE:  # said once (the probe before preflight, then the hold)
+            return False
+        _UNLOCKABLE.add(str(out))
         _logger.warning("output_dir %s cannot be locked (%s): nothing stops a second command working in it "
                         "meanwhile", out, e.strerror or e)
+        return False
+
+
+def remove_partial_writes(out: Path) -> int:
+    """Delete the temporary files that killed atomic writes left in ``out`` (a half-written model can weigh
+    megabytes), and return how many. Only the lock holder calls it: nobody else is writing there. A subfolder
+    with a lock of its own (a suite's task folder) belongs to the command that locks it and is not entered."""
+    removed = 0
+    for root, dirs, files in os.walk(out):  # links to folders are not followed
+        dirs[:] = [d for d in dirs if not os.path.lexists(os.path.join(root, d, LOCK))]
+        for name in files:
+            p = Path(root, name)
+            if is_partial_write(p):
+                try:
+                    p.unlink()
+                    removed += 1
+                except OSError:
+                    pass
+    if removed:
+        _logger.info("removed %d temporary file(s) left in %s by a killed write", removed, out)
+    return removed
 
 
 def check_not_busy(out: Path) -> None:
@@ -98,10 +127,12 @@ def hold_output(out: Path):
         if dist.is_main() and fcntl is not None:
             out.mkdir(parents=True, exist_ok=True)
             fd = _open_lock(out, create=True)
-            _busy(fd, out, shared=False)
+            locked = _busy(fd, out, shared=False)
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since "
                           f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+            if locked:
+                remove_partial_writes(out)
     try:
         yield
     finally:

@@ -723,10 +723,57 @@ def test_a_run_killed_while_writing_its_first_record_leaves_a_usable_folder(data
     r = cli(*tiny_args(out, data_root))
     assert r.returncode == 0, r.stderr
     assert json.loads((out / "supernet" / "settings.json").read_text())["stage"] == "supernet"
+    assert not (out / "supernet" / ".settings.json.k3x9q2ab.tmp").exists()  # the leftover is cleared
     other = tmp_path / "other"
     (other / "supernet").mkdir(parents=True)
     (other / "supernet" / ".notes.tmp").write_text("by hand")  # hidden and .tmp, but not an atomic write's
     one_line_error(cli(*tiny_args(other, data_root)), "no settings.json")
+
+
+def test_leftovers_of_killed_writes_are_removed_only_where_the_lock_reaches(tmp_path):
+    """The lock holder clears atomic writes' temporary files in its folder and below, but leaves a subfolder
+    locked by a command of its own, a folder reached through a link, and files that only look alike."""
+    from glora.pipeline import LOCK, remove_partial_writes
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    for d in (out / "retrain" / "candidates", out / "task_a", elsewhere):
+        d.mkdir(parents=True)
+    gone = [out / ".summary.json.a1b2c3d4.tmp", out / "retrain" / "candidates" / ".model.safetensors.zz_9y8x7.tmp"]
+    kept = [out / "task_a" / ".result.json.a1b2c3d4.tmp",  # task_a has its own lock
+            elsewhere / ".result.json.a1b2c3d4.tmp",  # reached only through a link
+            out / ".notes.tmp", out / ".summary.json.a1b2c3.tmp", out / "summary.json.a1b2c3d4.tmp"]
+    for p in gone + kept:
+        p.write_text("half")
+    (out / "task_a" / LOCK).write_text("")
+    (out / "link").symlink_to(elsewhere)
+    assert remove_partial_writes(out) == len(gone)
+    assert [p for p in gone if p.exists()] == []
+    assert [p for p in kept if not p.exists()] == []
+    assert remove_partial_writes(out) == 0
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="flock is POSIX")
+def test_a_folder_that_cannot_be_locked_runs_unguarded_with_one_warning(tmp_path, monkeypatch, caplog):
+    """A file system without flock: the command runs, warns once (not at the probe and again at the hold), and
+    leaves temporary files alone, since another command may be writing them."""
+    import errno
+    import logging
+    from glora import pipeline
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(pipeline.fcntl, "flock", no_locks)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / pipeline.LOCK).write_text("")
+    partial = out / ".summary.json.a1b2c3d4.tmp"
+    partial.write_text("half")
+    with caplog.at_level(logging.WARNING, logger="glora"):
+        pipeline.check_not_busy(out)
+        with pipeline.hold_output(out):
+            pass
+    warned = [r for r in caplog.records if "cannot be locked" in r.getMessage()]
+    assert len(warned) == 1 and "No locks available" in warned[0].getMessage()
+    assert partial.exists()
 
 
 def test_summary_lists_only_the_files_the_run_has(data_root, tmp_path, cli):
