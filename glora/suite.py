@@ -176,7 +176,7 @@ def write_tables(root: Path, rows: list[dict]) -> None:
     note = ""
     if wins:
         diff = _mean(r["glora_test"] - r["lora_test"] for r in wins)
-        note = (f"\nGLoRA minus LoRA, mean over {len(wins)} tasks: {100 * diff:+.2f} points; "
+        note = (f"\nGLoRA minus LoRA, mean over {_tasks(len(wins))}: {100 * diff:+.2f} points; "
                 f"GLoRA at least level on {sum(r['glora_test'] >= r['lora_test'] for r in wins)} of {len(wins)}.\n")
     atomic_write_text(root / "suite.md", "\n".join(lines) + "\n" + note)
 
@@ -186,6 +186,10 @@ def _std(vals: list[float]) -> float | None:
         return None
     m = sum(vals) / len(vals)
     return (sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5
+
+
+def _tasks(n: int) -> str:
+    return f"{n} task" if n == 1 else f"{n} tasks"
 
 
 def seed_lines(rows: list[dict], methods: list[tuple[str, str]]) -> list[str]:
@@ -222,9 +226,9 @@ def seed_lines(rows: list[dict], methods: list[tuple[str, str]]) -> list[str]:
     out.append("| " + " | ".join(cells) + " |")
     if paired and diffs_by_task:
         task_means = [sum(d) / len(d) for d in diffs_by_task.values() if d]
-        out += ["", f"GLoRA minus LoRA, mean over {len(task_means)} tasks of the per-task mean over seeds: "
+        out += ["", f"GLoRA minus LoRA, mean over {_tasks(len(task_means))} of the per-task mean over seeds: "
                     f"{sum(task_means) / len(task_means):+.2f} points; GLoRA at least level on "
-                    f"{sum(m >= 0 for m in task_means)} of {len(task_means)} tasks (on average over seeds)."]
+                    f"{sum(m >= 0 for m in task_means)} of {_tasks(len(task_means))} (on average over seeds)."]
     return out
 
 

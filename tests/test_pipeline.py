@@ -523,7 +523,7 @@ def test_suite_over_seeds_runs_each_seed_and_pairs_glora_with_lora(tmp_path, dat
     line = next(ln for ln in md.splitlines() if ln.startswith("| dsprites_loc | 2 |"))
     assert f"| {sum(g) / 2:.1f} ± {sd_g:.1f} |" in line
     assert f"| {mean_d:+.2f} ± {sd_d:.2f} | {sum(x >= 0 for x in d)} of 2 |" in line
-    assert f"GLoRA minus LoRA, mean over 1 tasks of the per-task mean over seeds: {mean_d:+.2f} points" in md
+    assert f"GLoRA minus LoRA, mean over 1 task of the per-task mean over seeds: {mean_d:+.2f} points" in md
     assert run_search.main(["suite", "--tasks", "mnist", "--seeds", "1,1"]) == 2
     assert run_search.main(["suite", "--tasks", "mnist", "--seeds", "x"]) == 2
 
