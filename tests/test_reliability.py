@@ -328,7 +328,7 @@ def _other_task(data_root: Path) -> None:
 
 
 def test_bad_input_table_size():
-    assert len(BAD_INPUTS) == 124, len(BAD_INPUTS)
+    assert len(BAD_INPUTS) == 125, len(BAD_INPUTS)
 
 
 @pytest.mark.parametrize("sets,setup,argv,fragment", BAD_INPUTS)
