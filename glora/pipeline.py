@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from .core import dist
+from .core.clock import running_clock
 from .core.config import Config
 from .core.io import atomic_write_json, is_partial_write
 from .core.errors import UserError
@@ -36,6 +37,7 @@ def _stage_fns():
 
 
 RESULT = "result.json"  # in each stage folder: what the stage returned, with its time
+STAGE_TIME = "stage_time.json"  # in each stage folder: its seconds over every session that ran it (core.clock)
 LOCK = ".lock"  # in output_dir: held (flock) by the command that runs stages there
 
 
@@ -154,16 +156,16 @@ def run_stages(cfg: Config, stages, progress: bool = True, skip_complete: bool =
         resumed = dist.agree((folder / SETTINGS).is_file())
         if dist.is_main():
             record_settings(cfg, stage)  # what this stage folder is made with, checked by every later run
-        t0 = time.time()
         try:
-            result = run(cfg, progress=progress)
+            with running_clock(folder / STAGE_TIME, resume=resumed) as clock:
+                result = run(cfg, progress=progress)
         except BaseException:
             if dist.is_main() and not resumed:
                 forget_settings(cfg, stage)  # failed before it wrote anything: the folder stays free
             raise
-        result["time_s"] = round(time.time() - t0, 1)
+        result["time_s"] = round(clock.seconds(), 1)  # with the earlier sessions' seconds when it resumed
         result["world_size"], result["backend"] = dist.world_size(), dist.backend()
-        if resumed:  # the time is this session's only
+        if resumed:
             result["resumed"] = True
         if dist.is_main():
             atomic_write_json(folder / RESULT, result)
@@ -262,7 +264,7 @@ def print_summary(cfg: Config, summary: dict) -> None:
     for stage in ("supernet", "search", "retrain"):
         if stage in summary:
             lines.append(f"  {stage:<9} {summary[stage].get('time_s', 0):>8.1f} s"
-                         + ("   (resumed: this session's time only)" if summary[stage].get("resumed") else ""))
+                         + ("   (resumed: every session's time)" if summary[stage].get("resumed") else ""))
     s = summary.get("search")
     if s:
         lines.append(f"  searched subnet: {s.get('params', 0):,} adapter params, val top-1 {s.get('val_acc', 0):.4f}"

@@ -22,6 +22,7 @@ from typing import Callable
 import numpy as np
 
 from glora.core import dist
+from glora.core.clock import save_clocks
 from glora.core.errors import UserError
 from glora.core.io import append_jsonl, atomic_write_json, atomic_write_text, atomic_write_yaml, read_jsonl
 from supernet.space import LayerChoice, SearchSpace, Subnet
@@ -171,6 +172,7 @@ class EvolutionSearcher:
             "rng": self.rng.bit_generator.state,
         }
         atomic_write_json(self._path("state.json"), state)
+        save_clocks()  # a generation is kept work: a killed search counts its time
 
     def _load(self) -> bool:
         """Continue from ``state.json`` when there is one; True when the stored search is finished."""

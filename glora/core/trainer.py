@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from . import dist
 from .accel import resolve_precision
 from .checkpoint import CHECKPOINT, checkpoint_info, load_checkpoint, save_checkpoint
+from .clock import save_clocks
 from .engine import InMemorySplit, autocast, lr_at
 from .errors import UserError
 from .io import append_jsonl, atomic_write_text, read_jsonl
@@ -199,6 +200,7 @@ def fit(model: nn.Module, named_params: dict[str, nn.Parameter], train: InMemory
         append_jsonl(log_path, record)
         save_checkpoint(ckpt, {"epoch": epoch + 1, "fingerprint": fingerprint, "optimizer": opt.state_dict(),
                                "params": {k: v.detach().cpu().clone() for k, v in named_params.items()}})
+        save_clocks()  # the time up to this checkpoint is kept work: a killed run counts it
     if spec.epochs == 0 and not ckpt.is_file() and dist.is_main():
         save_checkpoint(ckpt, {"epoch": 0, "fingerprint": fingerprint, "optimizer": opt.state_dict(),
                                "params": {k: v.detach().cpu().clone() for k, v in named_params.items()}})

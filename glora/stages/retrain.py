@@ -15,6 +15,7 @@ from glora.core import accel, dist
 from glora.core.build import (build_backbone, first_batch, load_split, model_source, prepare_data, stage_dir, stream_batches,
                           tokenizer_source)
 from glora.core.checkpoint import CHECKPOINT
+from glora.core.clock import running_clock
 from glora.core.config import Config, lr_tag
 from glora.core.engine import InMemorySplit, autocast, evaluate, evaluate_with_loss, resolve_device, set_threads
 from glora.core.errors import UserError
@@ -230,6 +231,15 @@ def _stored_val(done: Path, fingerprint: dict, select_by: str) -> tuple[float, f
     return float(rec["val_acc"]), (None if loss is None else float(loss))
 
 
+FIT_TIME = "fit_time.json"  # beside each grid point's and refit's checkpoint: its seconds over every session
+
+
+def _stored_seconds(done: Path) -> float:
+    """The seconds a finished grid point kept in ``val.json`` (0 for a record written before it kept them)."""
+    t = json.loads(done.read_text()).get("time_s", 0.0)
+    return float(t) if isinstance(t, (int, float)) and math.isfinite(t) and t >= 0 else 0.0
+
+
 def _last_loss(log: list[dict]) -> float | None:
     """The last epoch's mean train loss of a ``fit`` log; None without one, or when it is not finite."""
     loss = log[-1].get("loss") if log else None
@@ -307,13 +317,13 @@ def select_lr(cfg: Config, method: Method, num_classes: int, train800, val200, o
     by ``retrain.epochs_grid``), score val200, keep the best by ``retrain.select_by`` (top-1, or the lowest loss;
     on a tie the smaller lr, then the fewer epochs). Each grid point is resumable and its scores are kept in
     ``val.json``. Returns (chosen (lr, epochs), {key: val top-1}, {key: val loss}, {key: last-epoch train loss
-    on train800}, seconds spent), keyed by ``point_key``. ``always``: score ``retrain.lr`` at ``retrain.epochs``
+    on train800}, seconds spent on the grid over every session that ran it), keyed by ``point_key``. ``always``: score ``retrain.lr`` at ``retrain.epochs``
     on val200 even without a grid."""
     grid = grid_points(cfg, always)
     if not grid:
         return (float(cfg.retrain.lr), int(cfg.retrain.epochs)), {}, {}, {}, 0.0
     select_by = cfg.retrain.select_by
-    t0 = time.time()
+    spent = 0.0  # a point scored in an earlier session adds the seconds it kept
     scores: dict[str, float] = {}
     losses: dict[str, float] = {}
     train_losses: dict[str, float] = {}
@@ -335,28 +345,32 @@ def select_lr(cfg: Config, method: Method, num_classes: int, train800, val200, o
             tl = dist.on_main(lambda: _stored_train_loss(done, d / LOG))
             if tl is not None:
                 train_losses[key] = tl
+            spent += dist.on_main(lambda: _stored_seconds(done))
             continue
-        model = method.build(cfg, num_classes, device)
-        net, (tr, va) = trainable_view(cfg, method, model, [train800, val200], device, feats)
-        named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        net = accel.maybe_compile(net, cfg.retrain.compile)
-        log = fit(net, named, tr, _fit_spec(cfg, f"{method.key} {point_tag(cfg, point)} (train800)", fit_fp, lr=lr,
-                                            epochs=epochs), d,
-                  device, progress=progress, head_names=head_names(model))
-        acc, loss = evaluate_with_loss(net, va.batches(cfg.data.eval_batch_size), device, cfg.precision)
+        with running_clock(d / FIT_TIME, resume=dist.agree((d / CHECKPOINT).is_file())) as clock:
+            model = method.build(cfg, num_classes, device)
+            net, (tr, va) = trainable_view(cfg, method, model, [train800, val200], device, feats)
+            named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+            net = accel.maybe_compile(net, cfg.retrain.compile)
+            log = fit(net, named, tr, _fit_spec(cfg, f"{method.key} {point_tag(cfg, point)} (train800)", fit_fp,
+                                                lr=lr, epochs=epochs), d,
+                      device, progress=progress, head_names=head_names(model))
+            acc, loss = evaluate_with_loss(net, va.batches(cfg.data.eval_batch_size), device, cfg.precision)
+        seconds = clock.seconds()
+        spent += seconds
         _logger.info("%s: lr %.3g, %d epochs -> val200 top-1 %.4f, loss %.4f", method.label, lr, epochs, acc, loss)
         loss = loss if math.isfinite(loss) else None  # JSON has no NaN; a diverged point ranks last
         tl = dist.agree(_last_loss(log))  # rank 0's reading: the refit fallbacks depend on it
         if dist.is_main():
             atomic_write_json(done, {"val_acc": acc, "val_loss": loss, "train_loss": tl, "lr": lr, "epochs": epochs,
-                                     "fingerprint": fp})
+                                     "fingerprint": fp, "time_s": round(seconds, 1)})
         scores[key] = acc
         if loss is not None:
             losses[key] = loss
         if tl is not None:
             train_losses[key] = tl
     best = max(grid, key=lambda p: point_rank(cfg, p, scores, losses))
-    return best, scores, losses, train_losses, time.time() - t0
+    return best, scores, losses, train_losses, spent
 
 
 def point_rank(cfg: Config, point: Point, scores: dict, losses: dict) -> tuple:
@@ -383,6 +397,7 @@ def run_method(cfg: Config, method: Method, num_classes: int, splits: dict, out:
     refits: list[dict] = []
     feats: dict = {}  # head-only: the frozen backbone's features, computed once for every attempt
     guard = cfg.retrain.refit_guard
+    earlier: dict[Path, float] = {}  # each refit folder's seconds from earlier sessions (counted once)
 
     def attempt(i: int) -> tuple[nn.Module, list[dict]]:
         model = method.build(cfg, num_classes, device)
@@ -392,10 +407,12 @@ def run_method(cfg: Config, method: Method, num_classes: int, splits: dict, out:
         fp = dict(method.fingerprint(cfg), lr=lr)  # the epochs are in the checkpoint's fingerprint (the fit spec)
         if not method.key.startswith("glora"):
             fp["split"] = "train800val200"
-        log = fit(accel.maybe_compile(net, cfg.retrain.compile), named, train,
-                  _fit_spec(cfg, f"{method.key} (train800val200)", fp, lr=lr, epochs=epochs),
-                  out if i == 0 else out / "refit" / point_tag(cfg, order[i]),
-                  device, progress=progress, head_names=head_names(model))
+        d = out if i == 0 else out / "refit" / point_tag(cfg, order[i])
+        with running_clock(d / FIT_TIME, resume=dist.agree((d / CHECKPOINT).is_file())) as clock:
+            log = fit(accel.maybe_compile(net, cfg.retrain.compile), named, train,
+                      _fit_spec(cfg, f"{method.key} (train800val200)", fp, lr=lr, epochs=epochs), d,
+                      device, progress=progress, head_names=head_names(model))
+        earlier.setdefault(d, clock.before)
         return model, log
 
     for i, point in enumerate(order):
@@ -431,7 +448,7 @@ def run_method(cfg: Config, method: Method, num_classes: int, splits: dict, out:
     info = {"lr": point[0], "epochs": point[1], "val_acc": scores.get(point_key(cfg, point)),
             "val_acc_by_lr": scores, "val_loss_by_lr": losses, "train800_loss_by_lr": train_losses,
             "refits": refits, "select_time_s": round(t_select, 1),
-            "train_time_s": round(time.time() - t0, 1),
+            "train_time_s": round(time.time() - t0 + sum(earlier.values()), 1),
             "adapter_params": sum(p.numel() for p in adapter_parameters(model)),
             "head_params": sum(p.numel() for p in head_parameters(model))}
     return model, info
