@@ -651,16 +651,18 @@ def test_a_moved_run_names_its_files_where_they_are(finished_run, data_root, tmp
 
 def test_deleted_model_file_is_written_again(finished_run, data_root, tmp_path, cli):
     """metrics.json alone does not make a retrain complete: a deleted merged model is made again from the trained
-    points (the same bytes), and the summary says the retrain's times are this session's only."""
+    points (the same bytes), and the retrain's time counts the first session's too."""
     run = copy_run(finished_run, tmp_path)
     merged = run / "retrain" / "model_merged.safetensors"
     before, data = json.loads((run / "retrain" / "metrics.json").read_text()), merged.read_bytes()
+    first = json.loads((run / "retrain" / "result.json").read_text())["time_s"]
     merged.unlink()
     r = cli(*tiny_args(run, data_root))
     assert r.returncode == 0, r.stderr
     assert merged.read_bytes() == data
     assert json.loads((run / "retrain" / "metrics.json").read_text())["test_acc"] == before["test_acc"]
-    assert "(resumed: this session's time only)" in r.stdout
+    assert "(resumed: every session's time)" in r.stdout
+    assert json.loads((run / "retrain" / "result.json").read_text())["time_s"] >= first
 
 
 def test_a_stage_failing_before_it_writes_leaves_its_folder_free(data_root, tmp_path, monkeypatch):
