@@ -198,7 +198,7 @@ def test_two_processes_retrain_to_the_same_model(search_on_one):
     """The retrained models compute the same logits (atol 1e-5) and report the same test accuracy. Their
     weights differ only in entries whose gradient is zero but for rounding (a scalar bias on the residual
     stream, which the LayerNorms do not see; B times the sum of a LayerNorm output), which AdamW moves by up
-    to lr a step on that rounding: atol 5e-3 (12 steps at lr <= 1e-3)."""
+    to lr a step on that rounding: at most 12 steps at lr 1e-3 apart."""
     one, two = search_on_one
     m1 = json.loads((one / "retrain" / "metrics.json").read_text())
     m2 = json.loads((two / "retrain" / "metrics.json").read_text())
@@ -206,7 +206,7 @@ def test_two_processes_retrain_to_the_same_model(search_on_one):
         assert m1[k] == m2[k], k
     a, b = merged_model(one / "retrain" / MERGED), merged_model(two / "retrain" / MERGED)
     for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
-        torch.testing.assert_close(vb, va, rtol=0, atol=5e-3, msg=k)
+        torch.testing.assert_close(vb, va, rtol=0, atol=12 * 1e-3, msg=k)
     x = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(b(x), a(x), rtol=0, atol=1e-5)

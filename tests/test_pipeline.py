@@ -1,5 +1,6 @@
 """The whole pipeline from the CLI on a tiny random-weight ViT and a generated task."""
 import json
+import re
 import shutil
 
 import pytest
@@ -522,8 +523,13 @@ def test_suite_over_seeds_runs_each_seed_and_pairs_glora_with_lora(tmp_path, dat
     sd_g = abs(g[0] - g[1]) / 2 ** 0.5
     line = next(ln for ln in md.splitlines() if ln.startswith("| dsprites_loc | 2 |"))
     assert f"| {sum(g) / 2:.1f} ± {sd_g:.1f} |" in line
-    assert f"| {mean_d:+.2f} ± {sd_d:.2f} | {sum(x >= 0 for x in d)} of 2 |" in line
-    assert f"GLoRA minus LoRA, mean over 1 task of the per-task mean over seeds: {mean_d:+.2f} points" in md
+    # the table's figures, to their printed rounding (a mean on a .xx5 boundary may print either way)
+    cells = re.search(r"\| ([+-]\d+\.\d\d) ± (\d+\.\d\d) \| (\d) of 2 \|", line)
+    assert cells, line
+    assert abs(float(cells[1]) - mean_d) <= 0.0051 and abs(float(cells[2]) - sd_d) <= 0.0051, (line, mean_d, sd_d)
+    assert int(cells[3]) == sum(x >= 0 for x in d)
+    overall = re.search(r"GLoRA minus LoRA, mean over 1 task of the per-task mean over seeds: ([+-]\d+\.\d\d) points", md)
+    assert overall and abs(float(overall[1]) - mean_d) <= 0.0051, md
     assert run_search.main(["suite", "--tasks", "mnist", "--seeds", "1,1"]) == 2
     assert run_search.main(["suite", "--tasks", "mnist", "--seeds", "x"]) == 2
 
