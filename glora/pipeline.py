@@ -91,7 +91,7 @@ def remove_partial_writes(out: Path) -> int:
     """Delete the temporary files that killed atomic writes left in ``out`` (a half-written model can weigh
     megabytes), and return how many. Only the lock holder calls it: nobody else is writing there. A subfolder
     with a lock of its own (a suite's task folder) belongs to the command that locks it and is not entered."""
-    removed = 0
+    removed, stuck = 0, []
     for root, dirs, files in os.walk(out):  # links to folders are not followed
         dirs[:] = [d for d in dirs if not os.path.lexists(os.path.join(root, d, LOCK))]
         for name in files:
@@ -100,10 +100,16 @@ def remove_partial_writes(out: Path) -> int:
                 try:
                     p.unlink()
                     removed += 1
-                except OSError:
+                except FileNotFoundError:
                     pass
+                except OSError as e:
+                    stuck.append((p, e))
     if removed:
         _logger.info("removed %d temporary file(s) left in %s by a killed write", removed, out)
+    if stuck:  # harmless to the run (nothing reads them), but they hold disk space the user may want back
+        p, e = stuck[0]
+        _logger.warning("could not remove %d temporary file(s) left by a killed write, e.g. %s (%s); delete them "
+                        "by hand to free the space", len(stuck), p, e.strerror or e)
     return removed
 
 

@@ -4,6 +4,7 @@ changes no file of the run."""
 import errno
 import io
 import json
+import logging
 import os
 import pickle
 import shutil
@@ -751,6 +752,30 @@ def test_leftovers_of_killed_writes_are_removed_only_where_the_lock_reaches(tmp_
     assert [p for p in gone if p.exists()] == []
     assert [p for p in kept if not p.exists()] == []
     assert remove_partial_writes(out) == 0
+
+
+def test_leftovers_that_cannot_be_removed_are_named_in_one_warning(tmp_path, monkeypatch, caplog):
+    """A temporary file the lock holder may not delete (another user's, a read-only mount) is not counted as
+    removed, and one warning names how many were left and one of them; the others are still removed."""
+    from glora.pipeline import remove_partial_writes
+    out = tmp_path / "out"
+    (out / "retrain").mkdir(parents=True)
+    stuck, fine = out / "retrain" / ".model.safetensors.a1b2c3d4.tmp", out / ".summary.json.a1b2c3d4.tmp"
+    for p in (stuck, fine):
+        p.write_text("half")
+    real_unlink = Path.unlink
+
+    def unlink(self, *a, **k):
+        if self.name == stuck.name:
+            raise PermissionError(13, "Permission denied")
+        return real_unlink(self, *a, **k)
+    monkeypatch.setattr(Path, "unlink", unlink)
+    with caplog.at_level(logging.WARNING, logger="glora"):
+        assert remove_partial_writes(out) == 1
+    assert stuck.exists() and not fine.exists()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "could not remove 1 temporary file" in warnings[0], warnings
+    assert str(stuck) in warnings[0] and "Permission denied" in warnings[0]
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="flock is POSIX")
