@@ -229,7 +229,40 @@ def seed_lines(rows: list[dict], methods: list[tuple[str, str]]) -> list[str]:
         out += ["", f"GLoRA minus LoRA, mean over {_tasks(len(task_means))} of the per-task mean over seeds: "
                     f"{sum(task_means) / len(task_means):+.2f} points; GLoRA at least level on "
                     f"{sum(m >= 0 for m in task_means)} of {_tasks(len(task_means))} (on average over seeds)."]
+        every = [v for d in diffs_by_task.values() for v in d]
+        if len(every) >= 2:
+            out += ["", interval_line(every)]
     return out
+
+
+# two-sided 95% quantiles of Student's t for 1 to 30 degrees of freedom
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t975(df: int) -> float:
+    """The 97.5% quantile of Student's t with ``df`` degrees of freedom (a 95% two-sided interval): the table up to
+    30, beyond it the Cornish-Fisher expansion around the normal quantile (within 1e-3 of the exact value)."""
+    if df < 1:
+        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = 1.959964
+    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+
+
+def interval_line(diffs: list[float]) -> str:
+    """GLoRA minus LoRA over every task-seed: mean, sample sd and a 95% t interval of the mean, with what it does
+    not cover: it measures how the seeds run here spread, not how another machine's arithmetic would move a run."""
+    n = len(diffs)
+    m = sum(diffs) / n
+    sd = _std(diffs)
+    half = t975(n - 1) * sd / n ** 0.5
+    verdict = ("above zero" if m - half > 0 else "below zero" if m + half < 0 else "includes zero")
+    return (f"Paired over the {n} runs (tasks x seeds): GLoRA minus LoRA {m:+.2f} points (sample sd {sd:.2f}; 95% "
+            f"interval of the mean {m - half:+.2f} to {m + half:+.2f}, Student's t with {n - 1} degrees of freedom: "
+            f"{verdict}). It covers the spread between the seeds run here; the same seeds on other hardware can "
+            f"land further apart.")
 
 
 def _mean_std(values) -> str:
