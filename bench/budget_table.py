@@ -1,11 +1,13 @@
 """bench/accuracy.md item 37: searched GLoRA against LoRA at LoRA r=1's budget and at r=4's, on one GPU.
 
-    python bench/budget_table.py runs/g-* runs/r4-*     # suite roots (one task-seed each, or more)
+    python bench/budget_table.py --setting "H200 fp32" runs/g-* runs/r4-*   # suite roots (one task-seed each, or more)
 
-Reads every ``<root>/<task>/seed<S>/retrain/metrics.json`` and the retrained ``subnet.yaml``, writes one row per
-budget and task-seed into ``accuracy_budget_gpu.csv`` (test top-1 of GLoRA and LoRA, params, the lr and epochs
-each chose on val200, and what the retrained subnet is made of) and prints GLoRA minus LoRA per budget: over
-all task-seeds (mean, sample sd, standard error) and per task.
+Reads every ``<root>/<task>/seed<S>/retrain/metrics.json`` and the retrained ``subnet.yaml``, adds or replaces one
+row per (setting, budget, task, seed) of ``accuracy_budget_gpu.csv`` (test top-1 of GLoRA and LoRA, params, the lr
+and epochs each chose on val200, and what the retrained subnet is made of) and prints GLoRA minus LoRA per setting
+and budget: over all task-seeds (mean, sample sd, standard error) and per task. ``--setting`` names the machine
+and anything else the config does not record (precision, weights), so runs made elsewhere never replace these
+rows; a row whose figures would change is refused unless ``--replace`` is given.
 """
 from __future__ import annotations
 
@@ -18,21 +20,21 @@ from pathlib import Path
 import yaml
 
 CSV = Path(__file__).parent / "accuracy_budget_gpu.csv"
-FIELDS = ["budget", "task", "seed", "glora_test", "lora_test", "diff", "glora_params", "lora_params", "lora_rank",
+FIELDS = ["setting", "budget", "task", "seed", "glora_test", "lora_test", "diff", "glora_params", "lora_params", "lora_rank",
           "glora_lr", "glora_epochs", "glora_val", "search_rank", "lora_lr", "lora_epochs", "lora_val",
           "b_lora_layers", "a_vectors", "d_vectors", "e_vectors", "layers"]
 
 
-def row(seed_dir: Path) -> dict:
+def row(seed_dir: Path, setting: str) -> dict:
     m = json.loads((seed_dir / "retrain" / "metrics.json").read_text())
     sub = yaml.safe_load((seed_dir / "retrain" / "subnet.yaml").read_text())
     lo = m["baselines"]["lora"]
     layers = sub["layers"]
     count = lambda t, pred: sum(1 for L in layers if pred(L[t]))  # noqa: E731
+    g_test, l_test = round(100 * m["test_acc"], 2), round(100 * lo["test_acc"], 2)
     return {
-        "budget": f"LoRA r={lo['rank']}", "task": seed_dir.parent.name, "seed": int(seed_dir.name[4:]),
-        "glora_test": round(100 * m["test_acc"], 2), "lora_test": round(100 * lo["test_acc"], 2),
-        "diff": round(100 * (m["test_acc"] - lo["test_acc"]), 2),
+        "setting": setting, "budget": f"LoRA r={lo['rank']}", "task": seed_dir.parent.name, "seed": int(seed_dir.name[4:]),
+        "glora_test": g_test, "lora_test": l_test, "diff": round(g_test - l_test, 2),
         "glora_params": m["adapter_params"], "lora_params": lo["adapter_params"], "lora_rank": lo["rank"],
         "glora_lr": m["lr"], "glora_epochs": m["epochs"], "glora_val": m["val_acc"], "search_rank": m["search_rank"],
         "lora_lr": lo["lr"], "lora_epochs": lo["epochs"], "lora_val": lo["val_acc"],
@@ -42,15 +44,20 @@ def row(seed_dir: Path) -> dict:
     }
 
 
-def main(roots: list[str]) -> None:
+def main(setting: str, roots: list[str], replace: bool = False) -> None:
     rows = {}
     if CSV.is_file():
         with open(CSV, newline="") as f:
-            rows = {(r["budget"], r["task"], int(r["seed"])): r for r in csv.DictReader(f)}
+            rows = {(r["setting"], r["budget"], r["task"], int(r["seed"])): r for r in csv.DictReader(f)}
     for root in roots:
         for mj in sorted(Path(root).glob("*/seed*/retrain/metrics.json")):
-            r = row(mj.parent.parent)
-            rows[(r["budget"], r["task"], r["seed"])] = r
+            r = row(mj.parent.parent, setting)
+            key = (r["setting"], r["budget"], r["task"], r["seed"])
+            old = rows.get(key)
+            if old is not None and not replace and any(str(old[k]) != str(r[k]) for k in ("glora_test", "lora_test")):
+                sys.exit(f"{mj}: {key} is in {CSV.name} with other figures (GLoRA {old['glora_test']}, LoRA "
+                         f"{old['lora_test']}); give another --setting, or --replace")
+            rows[key] = r
     ordered = [rows[k] for k in sorted(rows)]
     tmp = CSV.with_suffix(".csv.tmp")
     with open(tmp, "w", newline="") as f:
@@ -58,11 +65,11 @@ def main(roots: list[str]) -> None:
         w.writeheader()
         w.writerows(ordered)
     tmp.replace(CSV)
-    for budget in sorted({r["budget"] for r in ordered}):
-        rs = [r for r in ordered if r["budget"] == budget]
+    for setting_, budget in sorted({(r["setting"], r["budget"]) for r in ordered}):
+        rs = [r for r in ordered if r["setting"] == setting_ and r["budget"] == budget]
         d = [float(r["diff"]) for r in rs]
         sd = st.stdev(d) if len(d) > 1 else float("nan")
-        print(f"{budget}: {len(d)} task-seeds, GLoRA - LoRA {st.mean(d):+.2f} (sd {sd:.2f}, se {sd / len(d) ** 0.5:.2f}), "
+        print(f"{setting_}, {budget}: {len(d)} task-seeds, GLoRA - LoRA {st.mean(d):+.2f} (sd {sd:.2f}, se {sd / len(d) ** 0.5:.2f}), "
               f"level or above on {sum(x >= 0 for x in d)}; GLoRA {st.mean(float(r['glora_test']) for r in rs):.2f}, "
               f"LoRA {st.mean(float(r['lora_test']) for r in rs):.2f}")
         for task in sorted({r["task"] for r in rs}):
@@ -75,6 +82,10 @@ def main(roots: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2:
-        sys.exit("usage: python bench/budget_table.py SUITE_ROOT [SUITE_ROOT ...]")
-    main(sys.argv[1:])
+    import argparse
+    ap = argparse.ArgumentParser(description="GLoRA minus LoRA per setting and budget (bench/accuracy.md item 37)")
+    ap.add_argument("--setting", required=True, help="the machine and what the config does not record")
+    ap.add_argument("--replace", action="store_true", help="let these runs replace rows with other figures")
+    ap.add_argument("roots", nargs="*", help="suite roots; none: print the csv's table")
+    a = ap.parse_args()
+    main(a.setting, a.roots, a.replace)

@@ -252,17 +252,22 @@ def t975(df: int) -> float:
 
 
 def interval_line(diffs: list[float]) -> str:
-    """GLoRA minus LoRA over every task-seed: mean, sample sd and a 95% t interval of the mean, with what it does
-    not cover: it measures how the seeds run here spread, not how another machine's arithmetic would move a run."""
+    """GLoRA minus LoRA pooled over every task-seed: mean, sample sd and a 95% Student's t confidence interval of
+    the mean difference, saying what it does not cover: other tasks, and other machines, whose arithmetic can move
+    the same seed's run by more (bench/accuracy.md, item 37)."""
     n = len(diffs)
     m = sum(diffs) / n
     sd = _std(diffs)
+    head = (f"Pooled over the {n} task-seeds (each task-seed counts once, so this mean can differ from the mean of "
+            f"the per-task means): GLoRA minus LoRA {m:+.2f} points")
+    if sd < 1e-9 * max(1.0, abs(m)):  # every difference the same: a t interval would have no width
+        return head + " in every task-seed alike (no spread, so no interval)."
     half = t975(n - 1) * sd / n ** 0.5
-    verdict = ("above zero" if m - half > 0 else "below zero" if m + half < 0 else "includes zero")
-    return (f"Paired over the {n} runs (tasks x seeds): GLoRA minus LoRA {m:+.2f} points (sample sd {sd:.2f}; 95% "
-            f"interval of the mean {m - half:+.2f} to {m + half:+.2f}, Student's t with {n - 1} degrees of freedom: "
-            f"{verdict}). It covers the spread between the seeds run here; the same seeds on other hardware can "
-            f"land further apart.")
+    verdict = "above zero" if m - half > 0 else "below zero" if m + half < 0 else "includes zero"
+    df = f"{n - 1} degree{'s' if n > 2 else ''} of freedom"
+    return (head + f" (sample sd {sd:.2f}; 95% confidence interval of the mean difference {m - half:+.2f} to "
+            f"{m + half:+.2f}, Student's t with {df}: {verdict}). It describes the spread between these task-seeds "
+            f"on this machine, not other tasks or hardware.")
 
 
 def _mean_std(values) -> str:
